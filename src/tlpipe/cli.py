@@ -1,0 +1,35 @@
+"""Shared plumbing for the thin stage scripts in ``stages/``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tlpipe.config import Params, load_params
+from tlpipe.errors import PipelineError
+
+# errors a user can fix from the message alone: shown without a traceback
+USER_ERRORS = (PipelineError, FileNotFoundError)
+
+
+def stage_main(
+    stage: str,
+    paths: Sequence[str],
+    run: Callable[[Params, argparse.Namespace], object],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """Parse ``--params`` and the stage's path options, validate params, run the stage."""
+    parser = argparse.ArgumentParser(prog=f"stages/{stage.replace('-', '_')}.py")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    for name in paths:
+        parser.add_argument(f"--{name}", required=True, type=Path)
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        run(params, args)
+    except USER_ERRORS as err:
+        print(f"{stage}: error: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,180 @@
+"""The one typed, validated view of ``params.yaml``.
+
+Every stage builds a :class:`Params` from the file before it does any work, so a
+typo or an out-of-range value fails fast with a message that names the key, the
+value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tlpipe.errors import PipelineError
+
+
+def _probability(default: float):
+    return Field(default, ge=0.0, le=1.0)
+
+
+class ConfigError(PipelineError, ValueError):
+    """params.yaml is missing, unreadable or does not fit the schema."""
+
+
+class _Section(BaseModel):
+    # forbid: an unknown key is almost always a typo that would otherwise be ignored silently
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DemoParams(_Section):
+    images_per_class: int = Field(120, ge=4, le=100_000)
+    image_size: int = Field(64, ge=16, le=1024)
+    seed: int = 0
+
+
+class FolderParams(_Section):
+    path: str | None = None
+
+
+class DataParams(_Section):
+    source: Literal["demo", "folder"] = "demo"
+    classes: list[str] | None = None
+    min_image_size: int = Field(8, ge=1)
+    max_image_pixels: int = Field(50_000_000, ge=1)
+    demo: DemoParams = DemoParams()
+    folder: FolderParams = FolderParams()
+
+    @model_validator(mode="after")
+    def _folder_needs_path(self) -> DataParams:
+        if self.source == "folder" and not self.folder.path:
+            raise ValueError("data.source is 'folder' but data.folder.path is not set")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"data.classes has duplicates: {self.classes}")
+        return self
+
+
+class SplitParams(_Section):
+    # both > 0: training stops early on val, and evaluate needs a test split
+    val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _leaves_training_data(self) -> SplitParams:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError(
+                "split.val_fraction + split.test_fraction must be < 0.9 "
+                f"(got {self.val_fraction} + {self.test_fraction})"
+            )
+        return self
+
+
+class AugmentParams(_Section):
+    image_size: int = Field(96, ge=32, le=1024)
+    copies: int = Field(2, ge=0, le=100)
+    seed: int = 42
+    horizontal_flip: float = _probability(0.5)
+    vertical_flip: float = _probability(0.0)
+    rotate_limit: float = Field(15.0, ge=0.0, le=180.0)
+    shift_limit: float = Field(0.05, ge=0.0, le=0.5)
+    scale_limit: float = Field(0.1, ge=0.0, le=0.9)
+    brightness_limit: float = Field(0.2, ge=0.0, le=1.0)
+    contrast_limit: float = Field(0.2, ge=0.0, le=1.0)
+    probability: float = _probability(0.7)
+
+
+class TrainFrozenParams(_Section):
+    backbone: Literal["efficientnet_lite0"] = "efficientnet_lite0"
+    weights: str = "imagenet"
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    batch_size: int = Field(32, ge=1)
+    epochs: int = Field(30, ge=1)
+    learning_rate: float = Field(1e-3, gt=0.0)
+    patience: int = Field(5, ge=1)
+    seed: int = 42
+
+
+class FineTuneParams(_Section):
+    unfreeze_blocks: int = Field(2, ge=0)
+    batch_size: int = Field(32, ge=1)
+    epochs: int = Field(5, ge=0)
+    learning_rate: float = Field(1e-4, gt=0.0)
+    patience: int = Field(3, ge=1)
+    seed: int = 42
+
+
+class EvaluateParams(_Section):
+    batch_size: int = Field(64, ge=1)
+
+
+class Params(_Section):
+    data: DataParams = DataParams()
+    split: SplitParams = SplitParams()
+    augment: AugmentParams = AugmentParams()
+    train_frozen: TrainFrozenParams = TrainFrozenParams()
+    fine_tune: FineTuneParams = FineTuneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {err.error_count()} invalid setting(s):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(e["loc"][:-1])
+            lines.append(f"  {key}: unknown key; allowed keys here: {', '.join(allowed)}")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Params
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            break
+        if not issubclass(field.annotation, BaseModel):
+            break
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def parse_params(raw: object, source: str = "params") -> Params:
+    """Validate a mapping (as read from YAML) into :class:`Params`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; run from the repository root") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_params(raw, str(path))
+
+
+def section_dict(section: BaseModel, prefix: str) -> dict[str, object]:
+    """Flatten a section into dotted keys, the form MLflow params take."""
+    flat: dict[str, object] = {}
+    for key, value in section.model_dump().items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, dict):
+            for sub, subvalue in value.items():
+                flat[f"{name}.{sub}"] = subvalue
+        else:
+            flat[name] = value
+    return flat

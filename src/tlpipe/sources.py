@@ -1,0 +1,254 @@
+"""Data sources for the download stage, normalised to one manifest.
+
+Every source yields ``Candidate`` items (where the image came from, its label and
+a way to open it). :func:`ingest` decodes each one once, rejects what is unusable
+with a reason, and writes the survivors as RGB PNGs plus ``manifest.csv``,
+``rejected.csv`` and ``classes.json``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from tqdm import tqdm
+
+from tlpipe import tracking
+from tlpipe.config import DataParams, DemoParams, section_dict
+from tlpipe.errors import PipelineError
+from tlpipe.manifest import MANIFEST_FIELDS, atomic_dir, sha256_bytes, write_csv, write_json
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+DEMO_CLASSES = ("circle", "square", "triangle", "cross")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    source: str  # where it came from, for the manifest and for rejection messages
+    label: str
+    open: Callable[[], Image.Image]
+
+
+@dataclass(frozen=True)
+class IngestSummary:
+    kept: int
+    rejected: int
+    classes: list[str]
+
+    def line(self) -> str:
+        return (
+            f"download: kept {self.kept} images in {len(self.classes)} classes "
+            f"({', '.join(self.classes)}), rejected {self.rejected}"
+        )
+
+
+# ---------------------------------------------------------------- demo source
+
+
+def _shape_points(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tuple]:
+    if kind == "square":
+        corners = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
+        pts = [(x * r * 0.8, y * r * 0.8) for x, y in corners]
+    elif kind == "triangle":
+        pts = [(r * math.cos(a), r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+    elif kind == "cross":
+        w, arm = r * 0.32, r
+        pts = [
+            (-w, -arm),
+            (w, -arm),
+            (w, -w),
+            (arm, -w),
+            (arm, w),
+            (w, w),
+            (w, arm),
+            (-w, arm),
+            (-w, w),
+            (-arm, w),
+            (-arm, -w),
+            (-w, -w),
+        ]
+    else:
+        raise ValueError(kind)
+    c, s = math.cos(angle), math.sin(angle)
+    return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
+
+
+def _random_colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    return tuple(int(v) for v in rng.integers(0, 256, size=3))
+
+
+def render_demo_image(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
+    """One synthetic image: a shape of random colour, size, place and angle on clutter.
+
+    Colours and sizes are drawn independently of the class, and every image gets
+    the same kinds of distractors, so no single pixel statistic gives the class away.
+    """
+    scale = 2  # draw large then downsample, for antialiased edges
+    big = size * scale
+    background = _random_colour(rng)
+    img = Image.new("RGB", (big, big), background)
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(2, 6))):  # distractor strokes
+        x0, y0, x1, y1 = (int(v) for v in rng.integers(0, big, size=4))
+        draw.line((x0, y0, x1, y1), fill=_random_colour(rng), width=int(rng.integers(1, 4) * scale))
+    foreground = _random_colour(rng)
+    while sum(abs(a - b) for a, b in zip(foreground, background)) < 120:
+        foreground = _random_colour(rng)
+    r = float(rng.uniform(0.18, 0.36)) * big
+    cx, cy = (float(v) for v in rng.uniform(r, big - r, size=2))
+    if kind == "circle":
+        ry = r * float(rng.uniform(0.75, 1.0))  # slightly elliptic so radius is no cue
+        draw.ellipse((cx - r, cy - ry, cx + r, cy + ry), fill=foreground)
+    else:
+        angle = float(rng.uniform(0, 2 * math.pi))
+        draw.polygon(_shape_points(kind, cx, cy, r, angle), fill=foreground)
+    img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0, 1.5)) * scale))
+    img = img.resize((size, size), Image.Resampling.BILINEAR)
+    noise = rng.normal(0, float(rng.uniform(4, 20)), size=(size, size, 3))
+    pixels = np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+def demo_candidates(params: DemoParams) -> Iterator[Candidate]:
+    """A deterministic dataset of shapes: the same seed gives the same images."""
+    rng = np.random.default_rng(params.seed)
+    for i in range(params.images_per_class):
+        for kind in DEMO_CLASSES:
+            img = render_demo_image(kind, params.image_size, rng)
+            yield Candidate(source=f"demo/{kind}/{i:05d}", label=kind, open=lambda img=img: img)
+
+
+# -------------------------------------------------------------- folder source
+
+
+def folder_candidates(root: Path) -> Iterator[Candidate]:
+    """One subfolder per class; files anywhere below it belong to that class."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"data.folder.path: {root} is not a folder (expected one subfolder per class)"
+        )
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise PipelineError(f"data.folder.path: {root} has no class subfolders")
+    for class_dir in class_dirs:
+        for path in sorted(class_dir.rglob("*")):
+            if path.is_file() and not path.name.startswith("."):
+                yield Candidate(
+                    source=path.relative_to(root).as_posix(),
+                    label=class_dir.name,
+                    open=lambda path=path: Image.open(path),
+                )
+
+
+# ----------------------------------------------------------------- ingestion
+
+
+class Rejected(Exception):
+    """An input that cannot enter the manifest; the message is the reason."""
+
+
+def decode_rgb(candidate: Candidate, min_size: int, max_pixels: int) -> Image.Image:
+    """Decode fully, apply EXIF orientation and convert to RGB, or raise Rejected."""
+    suffix = Path(candidate.source).suffix.lower()
+    if suffix and suffix not in IMAGE_EXTENSIONS and not candidate.source.startswith("demo/"):
+        raise Rejected(f"not an image extension ({suffix})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = candidate.open()
+            width, height = img.size
+            if width * height > max_pixels:
+                raise Rejected(f"too many pixels ({width}x{height} > {max_pixels})")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except Rejected:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise Rejected(f"too many pixels ({err})") from None
+    except OSError as err:
+        raise Rejected(f"cannot decode image: {err}") from None
+    except Exception as err:  # noqa: BLE001 - a broken file must never crash the stage
+        raise Rejected(f"cannot decode image: {type(err).__name__}: {err}") from None
+    if min(img.size) < min_size:
+        raise Rejected(f"too small ({img.size[0]}x{img.size[1]} < {min_size} px)")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img.convert("RGBA"))
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        span = max(arr.max() - arr.min(), 1.0)
+        img = Image.fromarray(((arr - arr.min()) / span * 255).round().astype(np.uint8))
+    return img.convert("RGB")
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)  # no metadata: same pixels give the same bytes
+    return buf.getvalue()
+
+
+def _output_name(candidate: Candidate) -> str:
+    stem = Path(candidate.source).relative_to(Path(candidate.source).parts[0]).as_posix()
+    return stem.replace("/", "__") + ".png"
+
+
+def candidates_for(params: DataParams) -> Iterator[Candidate]:
+    if params.source == "demo":
+        return demo_candidates(params.demo)
+    return folder_candidates(Path(params.folder.path))
+
+
+def ingest(candidates: Iterator[Candidate], params: DataParams, out_dir: Path) -> IngestSummary:
+    """Decode, validate and normalise every candidate into ``out_dir``."""
+    allowed = set(params.classes) if params.classes is not None else None
+    kept: list[dict] = []
+    rejected: list[dict] = []
+    with atomic_dir(Path(out_dir)) as scratch:
+        for cand in tqdm(candidates, desc="download", unit="img", mininterval=2.0):
+            try:
+                if allowed is not None and cand.label not in allowed:
+                    raise Rejected(f"label {cand.label!r} not in data.classes")
+                img = decode_rgb(cand, params.min_image_size, params.max_image_pixels)
+            except Rejected as why:
+                rejected.append({"path": cand.source, "reason": str(why)})
+                continue
+            rel = Path("images") / cand.label / _output_name(cand)
+            data = png_bytes(img)
+            (scratch / rel).parent.mkdir(parents=True, exist_ok=True)
+            (scratch / rel).write_bytes(data)
+            kept.append(
+                {
+                    "path": rel.as_posix(),
+                    "label": cand.label,
+                    "sha256": sha256_bytes(data),
+                    "width": img.size[0],
+                    "height": img.size[1],
+                    "source": cand.source,
+                }
+            )
+        classes = list(params.classes) if params.classes else sorted({r["label"] for r in kept})
+        if not kept:
+            raise PipelineError(f"download: no usable images (rejected {len(rejected)})")
+        write_csv(scratch / "manifest.csv", kept, (*MANIFEST_FIELDS, "source"))
+        write_csv(scratch / "rejected.csv", rejected, ("path", "reason"))
+        write_json(scratch / "classes.json", classes)
+    return IngestSummary(kept=len(kept), rejected=len(rejected), classes=classes)
+
+
+def download(params: DataParams, out_dir: Path) -> IngestSummary:
+    """The download stage: bring the configured source in as a normalised dataset."""
+    with tracking.stage_run("download", section_dict(params, "data")):
+        summary = ingest(candidates_for(params), params, out_dir)
+        tracking.log_metrics(
+            {"kept": summary.kept, "rejected": summary.rejected, "classes": len(summary.classes)}
+        )
+        tracking.log_artifact(str(Path(out_dir) / "rejected.csv"))
+    print(summary.line())
+    return summary

@@ -1,0 +1,69 @@
+"""MLflow bookkeeping: one run per stage, in one experiment.
+
+The store defaults to ``sqlite:///mlflow.db`` (artifacts under ``mlruns/``) in the
+directory DVC runs stages from, the repository root; ``MLFLOW_TRACKING_URI`` and
+``MLFLOW_EXPERIMENT_NAME`` override it as MLflow users expect.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "tlpipe"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def experiment_name() -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+
+
+def _quiet_mlflow() -> None:
+    # alembic prints a dozen INFO lines on the first use of a new store
+    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@contextmanager
+def stage_run(stage: str, params: Mapping[str, object]) -> Iterator[object]:
+    """An MLflow run for one stage, with the params the stage read already logged."""
+    import mlflow
+
+    _quiet_mlflow()
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(experiment_name())
+    with mlflow.start_run(run_name=stage, tags={"tlpipe.stage": stage}) as run:
+        mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+        yield run
+
+
+def _param_value(value: object) -> object:
+    return "null" if value is None else value
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_artifact(path: str, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    mlflow.log_artifact(path, artifact_path=artifact_path)
+
+
+def log_keras_model(model, name: str, example_batch) -> None:
+    """Log a Keras model with the Keras flavor and a signature inferred from real inputs."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    predictions = model.predict(example_batch, verbose=0)
+    signature = infer_signature(example_batch, predictions)
+    mlflow.keras.log_model(model, name=name, signature=signature)

@@ -1,0 +1,13 @@
+"""DVC stage `evaluate`: test-split metrics, confusion matrix, ROC and predictions."""
+
+import sys
+
+from tlpipe.cli import stage_main
+from tlpipe.evaluation import evaluate
+
+if __name__ == "__main__":
+    sys.exit(
+        stage_main(
+            "evaluate", ["data", "model", "out"], lambda p, a: evaluate(a.data, a.model, p.evaluate, a.out)
+        )
+    )

@@ -1,0 +1,15 @@
+"""DVC stage `fine-tune`: unfreeze the top backbone blocks and train on at a lower rate."""
+
+import sys
+
+from tlpipe.cli import stage_main
+from tlpipe.training import fine_tune
+
+if __name__ == "__main__":
+    sys.exit(
+        stage_main(
+            "fine-tune",
+            ["data", "model-in", "model", "history"],
+            lambda p, a: fine_tune(a.data, a.model_in, p.fine_tune, a.model, a.history),
+        )
+    )

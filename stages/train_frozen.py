@@ -1,0 +1,15 @@
+"""DVC stage `train-frozen`: a new head on a frozen ImageNet backbone."""
+
+import sys
+
+from tlpipe.cli import stage_main
+from tlpipe.training import train_frozen
+
+if __name__ == "__main__":
+    sys.exit(
+        stage_main(
+            "train-frozen",
+            ["data", "model", "history"],
+            lambda p, a: train_frozen(a.data, p.train_frozen, a.model, a.history),
+        )
+    )
