@@ -12,8 +12,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 @pytest.fixture(scope="session")
 def mlflow_store(tmp_path_factory) -> str:
-    """One SQLite MLflow store for the session (creating one costs seconds)."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    """One SQLite MLflow store for the session (creating one costs seconds).
+
+    Its experiment keeps artifacts in the temporary folder too: MLflow's default
+    for a SQLite store is ./mlruns under the current directory, the repository.
+    """
+    import mlflow
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root}/mlflow.db"
+    mlflow.MlflowClient(uri).create_experiment(
+        "tlpipe-tests", artifact_location=(root / "artifacts").as_uri()
+    )
+    return uri
 
 
 @pytest.fixture(autouse=True)
