@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tlpipe.errors import PipelineError
 
@@ -26,7 +26,16 @@ class ConfigError(PipelineError, ValueError):
 
 class _Section(BaseModel):
     # forbid: an unknown key is almost always a typo that would otherwise be ignored silently
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: object) -> object:
+        # YAML reads yes/no/on/off as booleans, and pydantic would take True as the number 1
+        if isinstance(value, bool):
+            # ValueError, not TypeError: pydantic turns only ValueError into a validation error
+            raise ValueError("expected a number or text, not a boolean")  # noqa: TRY004
+        return value
 
 
 class DemoParams(_Section):
@@ -53,6 +62,8 @@ class DataParams(_Section):
             raise ValueError("data.source is 'folder' but data.folder.path is not set")
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
             raise ValueError(f"data.classes has duplicates: {self.classes}")
+        if self.classes is not None and len(self.classes) < 2:
+            raise ValueError(f"data.classes needs at least 2 classes (or null for all), got {self.classes}")
         return self
 
 
@@ -159,9 +170,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate ``params.yaml``."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file; run from the repository root") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     return parse_params(raw, str(path))

@@ -6,8 +6,8 @@ import csv
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +21,8 @@ def sha256_bytes(data: bytes) -> str:
 
 def write_csv(path: Path, rows: Iterable[dict], fields: Iterable[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
+    # utf-8 always: labels are folder names, and the locale's encoding may not hold them
+    with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(fields), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
@@ -30,19 +31,19 @@ def write_csv(path: Path, rows: Iterable[dict], fields: Iterable[str]) -> None:
 def read_csv(path: Path) -> list[dict[str, str]]:
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: not found; run the stage that produces it first")
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
 
 
 def write_json(path: Path, data: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
 def read_json(path: Path) -> object:
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: not found; run the stage that produces it first")
-    return json.loads(Path(path).read_text())
+    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 @contextmanager
@@ -54,7 +55,9 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    # a plain mkdir (not tempfile.mkdtemp, which makes it 0o700) so the output gets the umask's mode
+    scratch = final.parent / f".{final.name}.{secrets.token_hex(6)}"
+    scratch.mkdir()
     try:
         yield scratch
         if final.exists():

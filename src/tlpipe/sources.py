@@ -12,6 +12,7 @@ import io
 import math
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,15 +129,21 @@ def demo_candidates(params: DemoParams) -> Iterator[Candidate]:
 
 
 def folder_candidates(root: Path) -> Iterator[Candidate]:
-    """One subfolder per class; files anywhere below it belong to that class."""
+    """One subfolder per class; files anywhere below it belong to that class.
+
+    The folder is checked at once (not on first iteration), so a wrong path fails
+    before the stage starts a run or writes anything.
+    """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(
-            f"data.folder.path: {root} is not a folder (expected one subfolder per class)"
-        )
+        raise PipelineError(f"data.folder.path: {root} is not a folder (expected one subfolder per class)")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise PipelineError(f"data.folder.path: {root} has no class subfolders")
+    return _folder_files(root, class_dirs)
+
+
+def _folder_files(root: Path, class_dirs: list[Path]) -> Iterator[Candidate]:
     for class_dir in class_dirs:
         for path in sorted(class_dir.rglob("*")):
             if path.is_file() and not path.name.startswith("."):
@@ -160,7 +167,9 @@ def decode_rgb(candidate: Candidate, min_size: int, max_pixels: int) -> Image.Im
     if suffix and suffix not in IMAGE_EXTENSIONS and not candidate.source.startswith("demo/"):
         raise Rejected(f"not an image extension ({suffix})")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pillow_pixel_limit(None):
+            # data.max_image_pixels is the limit, checked below from the header before any
+            # decoding; Pillow's own (fixed, ~89 Mpx) limit would otherwise override it
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = candidate.open()
             width, height = img.size
@@ -188,15 +197,37 @@ def decode_rgb(candidate: Candidate, min_size: int, max_pixels: int) -> Image.Im
     return img.convert("RGB")
 
 
+@contextmanager
+def _pillow_pixel_limit(limit: int | None) -> Iterator[None]:
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
 def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=False)  # no metadata: same pixels give the same bytes
     return buf.getvalue()
 
 
-def _output_name(candidate: Candidate) -> str:
+def _output_name(candidate: Candidate, taken: set[str]) -> str:
+    """A flat file name for the candidate, unique within its class (``taken`` is updated).
+
+    ``a/b.png`` and ``a__b.png`` flatten alike, and ``A.png`` and ``a.png`` clash on a
+    case-insensitive disk: a later one gets ``~2``, ``~3``... (candidates come sorted,
+    so the names are reproducible).
+    """
     stem = Path(candidate.source).relative_to(Path(candidate.source).parts[0]).as_posix()
-    return stem.replace("/", "__") + ".png"
+    stem = stem.replace("/", "__")
+    name, n = f"{stem}.png", 1
+    while f"{candidate.label}/{name}".casefold() in taken:
+        n += 1
+        name = f"{stem}~{n}.png"
+    taken.add(f"{candidate.label}/{name}".casefold())
+    return name
 
 
 def candidates_for(params: DataParams) -> Iterator[Candidate]:
@@ -210,6 +241,7 @@ def ingest(candidates: Iterator[Candidate], params: DataParams, out_dir: Path) -
     allowed = set(params.classes) if params.classes is not None else None
     kept: list[dict] = []
     rejected: list[dict] = []
+    taken: set[str] = set()
     with atomic_dir(Path(out_dir)) as scratch:
         for cand in tqdm(candidates, desc="download", unit="img", mininterval=2.0):
             try:
@@ -219,7 +251,7 @@ def ingest(candidates: Iterator[Candidate], params: DataParams, out_dir: Path) -
             except Rejected as why:
                 rejected.append({"path": cand.source, "reason": str(why)})
                 continue
-            rel = Path("images") / cand.label / _output_name(cand)
+            rel = Path("images") / cand.label / _output_name(cand, taken)
             data = png_bytes(img)
             (scratch / rel).parent.mkdir(parents=True, exist_ok=True)
             (scratch / rel).write_bytes(data)
@@ -236,6 +268,12 @@ def ingest(candidates: Iterator[Candidate], params: DataParams, out_dir: Path) -
         classes = list(params.classes) if params.classes else sorted({r["label"] for r in kept})
         if not kept:
             raise PipelineError(f"download: no usable images (rejected {len(rejected)})")
+        missing = [c for c in classes if not any(r["label"] == c for r in kept)]
+        if missing:
+            raise PipelineError(
+                f"download: no usable images for {missing}, listed in data.classes; "
+                "add images of them or remove them from data.classes"
+            )
         write_csv(scratch / "manifest.csv", kept, (*MANIFEST_FIELDS, "source"))
         write_csv(scratch / "rejected.csv", rejected, ("path", "reason"))
         write_json(scratch / "classes.json", classes)

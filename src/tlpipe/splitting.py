@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
-from sklearn.model_selection import train_test_split
+import numpy as np
 
 from tlpipe import tracking
 from tlpipe.config import SplitParams, section_dict
@@ -15,39 +16,67 @@ from tlpipe.manifest import atomic_dir, read_csv, read_json, write_csv, write_js
 SPLITS = ("train", "val", "test")
 
 
-def _check_stratifiable(labels: list[str], fraction: float, what: str) -> None:
+def _apportion(n: int, fractions: tuple[float, ...]) -> list[int]:
+    """Split ``n`` into integer parts, each the floor or ceiling of ``fraction * n`` (largest remainder)."""
+    exact = [round(f * n, 9) for f in fractions]  # round: 0.29 * 100 is 28.999999999999996
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(fractions)), key=lambda i: counts[i] - exact[i])
+    for i in by_remainder[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def _check_splittable(labels: list[str], fractions: dict[str, float]) -> None:
     counts = Counter(labels)
     if len(counts) < 2:
         raise PipelineError(f"split: need at least 2 classes, found {sorted(counts)}")
-    n_take = fraction * len(labels)
-    if fraction > 0 and n_take < len(counts):
-        raise PipelineError(
-            f"split: {what} would hold {n_take:.1f} images, fewer than the {len(counts)} classes; "
-            f"raise split.{what}_fraction or add images"
-        )
-    thin = {c: n for c, n in counts.items() if n < 3}
+    thin = {c: n for c, n in counts.items() if n < len(SPLITS)}
     if thin:
         raise PipelineError(f"split: too few images to stratify these classes (need >= 3 each): {thin}")
+    for name, fraction in fractions.items():
+        expected = fraction * len(labels)
+        if expected < len(counts):
+            fix = (
+                "lower split.val_fraction or split.test_fraction"
+                if name == "train"
+                else f"raise split.{name}_fraction"
+            )
+            raise PipelineError(
+                f"split: {name} would hold {expected:.1f} images, fewer than the {len(counts)} classes; "
+                f"{fix} or add images"
+            )
 
 
 def assign_splits(labels: list[str], params: SplitParams) -> list[str]:
-    """A split name for each item, stratified by label and reproducible from the seed."""
-    split_of = ["train"] * len(labels)
-    _check_stratifiable(labels, params.test_fraction, "test")
-    rest, test = train_test_split(
-        list(range(len(labels))),
-        test_size=params.test_fraction,
-        stratify=labels,
-        random_state=params.seed,
-    )
-    rest_labels = [labels[i] for i in rest]
-    val_share = params.val_fraction / (1.0 - params.test_fraction)
-    _check_stratifiable(rest_labels, val_share, "val")
-    _, val = train_test_split(rest, test_size=val_share, stratify=rest_labels, random_state=params.seed)
-    for i in test:
-        split_of[i] = "test"
-    for i in val:
-        split_of[i] = "val"
+    """A split name for each item, stratified by label and reproducible from the seed.
+
+    Each class is shuffled and cut by itself, so its share of every split is within
+    one image of the configured fraction; and every class has at least one image in
+    every split, which takes precedence for tiny classes (a class of 3 gives one to
+    each). Test images are cut first, so changing only ``val_fraction`` keeps the test
+    split whenever its per-class sizes stay the same.
+    """
+    fractions = {
+        "test": params.test_fraction,
+        "val": params.val_fraction,
+        "train": 1.0 - params.val_fraction - params.test_fraction,
+    }
+    _check_splittable(labels, fractions)
+    rng = np.random.default_rng(params.seed)
+    split_of = [""] * len(labels)
+    for label in sorted(set(labels)):
+        members = [i for i, lab in enumerate(labels) if lab == label]
+        sizes = _apportion(len(members), tuple(fractions.values()))
+        for k in range(len(sizes)):  # at least one each: take from the largest part
+            if sizes[k] == 0:
+                sizes[k] += 1
+                sizes[sizes.index(max(sizes))] -= 1
+        order = rng.permutation(len(members))
+        start = 0
+        for name, size in zip(fractions, sizes):
+            for j in order[start : start + size]:
+                split_of[members[j]] = name
+            start += size
     return split_of
 
 

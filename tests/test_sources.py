@@ -1,0 +1,294 @@
+"""The download stage's sources: the generated demo set and a folder of real-world files."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from sklearn.neighbors import NearestCentroid
+
+from tlpipe.config import DataParams, DemoParams, FolderParams
+from tlpipe.errors import PipelineError
+from tlpipe.manifest import MANIFEST_FIELDS, read_csv, read_json
+from tlpipe.sources import (
+    DEMO_CLASSES,
+    candidates_for,
+    demo_candidates,
+    download,
+    folder_candidates,
+    ingest,
+)
+
+
+def _demo(tmp_path: Path, name: str = "raw", **demo) -> Path:
+    params = DataParams(demo=DemoParams(**{"images_per_class": 4, "image_size": 32, **demo}))
+    ingest(candidates_for(params), params, tmp_path / name)
+    return tmp_path / name
+
+
+def _folder_params(root: Path, **kw) -> DataParams:
+    return DataParams(source="folder", folder=FolderParams(path=str(root)), **kw)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------- demo source
+
+
+def test_demo_is_deterministic_per_seed(tmp_path):
+    shas = {
+        name: [r["sha256"] for r in read_csv(_demo(tmp_path, name, seed=s) / "manifest.csv")]
+        for name, s in (("a", 0), ("b", 0), ("c", 1))
+    }
+    assert shas["a"] == shas["b"]
+    assert len(set(shas["a"])) == len(shas["a"])  # no two images alike
+    assert shas["a"] != shas["c"]
+    assert not set(shas["a"]) & set(shas["c"])
+
+
+def test_demo_classes_counts_and_sizes(tmp_path):
+    raw = _demo(tmp_path, images_per_class=5, image_size=24)
+    rows = read_csv(raw / "manifest.csv")
+    classes = read_json(raw / "classes.json")
+    assert len(classes) >= 3
+    assert classes == sorted(DEMO_CLASSES)
+    assert {c: sum(r["label"] == c for r in rows) for c in classes} == dict.fromkeys(classes, 5)
+    assert read_csv(raw / "rejected.csv") == []
+    for row in rows:
+        assert list(row)[: len(MANIFEST_FIELDS)] == list(MANIFEST_FIELDS)
+        assert (row["width"], row["height"]) == ("24", "24")
+        with Image.open(raw / row["path"]) as img:
+            assert (img.format, img.mode, img.size) == ("PNG", "RGB", (24, 24))
+        assert _sha(raw / row["path"]) == row["sha256"]
+
+
+def _demo_features(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    cands = list(demo_candidates(DemoParams(images_per_class=60, image_size=32, seed=seed)))
+    pixels = [np.asarray(c.open(), dtype=np.float64) / 255 for c in cands]
+    mean_rgb = np.array([p.reshape(-1, 3).mean(axis=0) for p in pixels])
+    thumbs = np.array([p.reshape(4, 8, 4, 8, 3).mean(axis=(1, 3)).ravel() for p in pixels])  # 4x4 boxes
+    return mean_rgb, thumbs, np.array([c.label for c in cands])
+
+
+def test_demo_is_not_separable_by_colour_or_thumbnails():
+    """Colour and coarse layout must not give the class away: the shape has to be learnt.
+
+    Measured (seed 0, 60 images per class, 32 px, half held out; chance is 0.25):
+    nearest centroid on mean RGB 0.24, logistic regression on 4x4 thumbnails 0.25.
+    The positive control below (a 40 % class tint) reaches 1.0 with the same probe.
+    """
+    mean_rgb, thumbs, labels = _demo_features(seed=0)
+    train, test = train_test_split(np.arange(len(labels)), test_size=0.5, stratify=labels, random_state=0)
+    centroid = NearestCentroid().fit(mean_rgb[train], labels[train]).score(mean_rgb[test], labels[test])
+    logistic = LogisticRegression(max_iter=1000).fit(thumbs[train], labels[train])
+    thumb_acc = logistic.score(thumbs[test], labels[test])
+    assert centroid < 0.5, centroid
+    assert thumb_acc < 0.5, thumb_acc
+
+    # positive control: the probe does catch a colour leak when there is one
+    palette = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]], dtype=np.float64)
+    tinted = 0.6 * mean_rgb + 0.4 * palette[np.searchsorted(sorted(DEMO_CLASSES), labels)]
+    leak = NearestCentroid().fit(tinted[train], labels[train]).score(tinted[test], labels[test])
+    assert leak > 0.9, leak
+
+
+# -------------------------------------------------------------- folder source
+
+
+def _save(path: Path, img: Image.Image, fmt: str, **kw) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, fmt, **kw)
+
+
+def _noise(w: int, h: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def image_tree(tmp_path) -> Path:
+    """Good images in many modes, and every kind of bad file, under cat/ dog/ and bird/."""
+    root = tmp_path / "photos"
+    _save(root / "cat" / "rgb.jpg", _noise(40, 30), "JPEG")
+    _save(root / "cat" / "gray.png", Image.new("L", (20, 16), 77), "PNG")
+    rgba = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
+    rgba.paste((10, 200, 30, 255), (0, 0, 10, 20))  # left half opaque green, right half transparent
+    _save(root / "cat" / "rgba.png", rgba, "PNG")
+    palette = Image.new("P", (16, 16), 1)
+    palette.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+    _save(root / "cat" / "nested" / "palette.png", palette, "PNG")
+    deep = Image.fromarray(np.arange(32 * 16, dtype=np.uint16).reshape(16, 32) * 120)  # mode I;16
+    _save(root / "cat" / "deep16.png", deep, "PNG")
+    _save(root / "dog" / "cmyk.jpg", Image.new("CMYK", (24, 24), (0, 255, 255, 0)), "JPEG")
+    rotated = Image.new("RGB", (40, 20), (0, 0, 255))
+    rotated.paste((255, 0, 0), (0, 0, 20, 20))  # stored: red left, blue right
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display = stored rotated 90 degrees clockwise
+    _save(root / "dog" / "rotated.jpg", rotated, "JPEG", exif=exif.tobytes(), quality=95)
+    # the bad ones
+    (root / "dog" / "empty.png").write_bytes(b"")
+    buf = io.BytesIO()
+    _noise(48, 48, seed=1).save(buf, "JPEG")
+    (root / "dog" / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (root / "dog" / "fake.jpg").write_text("this is not a jpeg\n")
+    (root / "dog" / "notes.txt").write_text("a note\n")
+    _save(root / "dog" / "tiny.png", _noise(5, 30), "PNG")
+    _save(root / "dog" / "huge.png", _noise(80, 80), "PNG")
+    _save(root / "bird" / "robin.png", _noise(20, 20), "PNG")
+    (root / "dog" / ".DS_Store").write_bytes(b"\x00\x01")  # hidden: skipped, not even rejected
+    return root
+
+
+EXPECTED_REJECTED = {
+    "dog/empty.png": "cannot decode image",
+    "dog/truncated.jpg": "truncated",
+    "dog/fake.jpg": "cannot decode image",
+    "dog/notes.txt": "not an image extension (.txt)",
+    "dog/tiny.png": "too small (5x30 < 8 px)",
+    "dog/huge.png": "too many pixels (80x80 > 5000)",
+    "bird/robin.png": "label 'bird' not in data.classes",
+}
+
+
+@pytest.fixture
+def ingested(image_tree, tmp_path) -> Path:
+    params = _folder_params(image_tree, classes=["dog", "cat"], min_image_size=8, max_image_pixels=5000)
+    summary = download(params, tmp_path / "raw")  # the whole stage, MLflow run included
+    assert (summary.kept, summary.rejected, summary.classes) == (7, 7, ["dog", "cat"])
+    return tmp_path / "raw"
+
+
+def test_folder_every_bad_file_is_rejected_with_its_reason(ingested):
+    rejected = {r["path"]: r["reason"] for r in read_csv(ingested / "rejected.csv")}
+    assert set(rejected) == set(EXPECTED_REJECTED)
+    for path, reason in EXPECTED_REJECTED.items():
+        assert reason in rejected[path], (path, rejected[path])
+
+
+def test_folder_good_files_become_rgb_pngs_with_correct_manifest(ingested):
+    rows = {r["source"]: r for r in read_csv(ingested / "manifest.csv")}
+    expected_sizes = {
+        "cat/rgb.jpg": (40, 30),
+        "cat/gray.png": (20, 16),
+        "cat/rgba.png": (20, 20),
+        "cat/nested/palette.png": (16, 16),
+        "cat/deep16.png": (32, 16),
+        "dog/cmyk.jpg": (24, 24),
+        "dog/rotated.jpg": (20, 40),  # stored landscape 40x20, EXIF says portrait
+    }
+    assert set(rows) == set(expected_sizes)
+    assert read_json(ingested / "classes.json") == ["dog", "cat"]  # the configured order, not sorted
+    files = {p.relative_to(ingested).as_posix() for p in (ingested / "images").rglob("*") if p.is_file()}
+    assert files == {r["path"] for r in rows.values()}
+    for source, row in rows.items():
+        assert row["label"] == source.split("/")[0]
+        assert row["path"].startswith(f"images/{row['label']}/") and row["path"].endswith(".png")
+        out = ingested / row["path"]
+        assert _sha(out) == row["sha256"]
+        with Image.open(out) as img:
+            assert (img.format, img.mode) == ("PNG", "RGB")
+            assert img.size == expected_sizes[source] == (int(row["width"]), int(row["height"]))
+
+
+def _pixels(raw: Path, source: str) -> np.ndarray:
+    row = next(r for r in read_csv(raw / "manifest.csv") if r["source"] == source)
+    with Image.open(raw / row["path"]) as img:
+        return np.asarray(img).astype(int)
+
+
+def test_folder_pixel_conversions(ingested):
+    assert (_pixels(ingested, "cat/gray.png") == 77).all()
+    rgba = _pixels(ingested, "cat/rgba.png")
+    assert (rgba[:, :10] == (10, 200, 30)).all()  # opaque part kept
+    assert (rgba[:, 10:] == 255).all()  # transparent part on white, not black
+    assert (_pixels(ingested, "cat/nested/palette.png") == (200, 100, 50)).all()
+    deep = _pixels(ingested, "cat/deep16.png")
+    assert (deep[..., 0] == deep[..., 1]).all() and (deep[..., 1] == deep[..., 2]).all()
+    flat = deep[..., 0].ravel()  # a row-major ramp stays a ramp over the full 8-bit range
+    assert flat[0] == 0 and flat[-1] == 255 and (np.diff(flat) >= 0).all()
+    red, green, blue = _pixels(ingested, "dog/cmyk.jpg").reshape(-1, 3).mean(axis=0)
+    assert red > 200 and green < 60 and blue < 60  # CMYK (0, 255, 255, 0) is red
+    rotated = _pixels(ingested, "dog/rotated.jpg")  # 90 degrees clockwise: stored left goes on top
+    assert rotated.shape == (40, 20, 3)
+    assert rotated[5, 10, 0] > 200 and rotated[5, 10, 2] < 60
+    assert rotated[35, 10, 2] > 200 and rotated[35, 10, 0] < 60
+
+
+def test_folder_without_class_filter_keeps_every_class(image_tree, tmp_path):
+    summary = ingest(folder_candidates(image_tree), _folder_params(image_tree), tmp_path / "raw")
+    assert summary.classes == ["bird", "cat", "dog"]  # sorted when data.classes is null
+    rejected = {r["path"] for r in read_csv(tmp_path / "raw" / "rejected.csv")}
+    assert rejected == set(EXPECTED_REJECTED) - {"bird/robin.png", "dog/huge.png"}
+
+
+def test_pillow_pixel_limit_does_not_override_max_image_pixels(image_tree, tmp_path, monkeypatch):
+    # a user who raises data.max_image_pixels above Pillow's own bomb limit must get what they asked for
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    params = _folder_params(image_tree, classes=["dog", "cat"], max_image_pixels=10_000)
+    ingest(folder_candidates(image_tree), params, tmp_path / "raw")
+    kept = {r["source"] for r in read_csv(tmp_path / "raw" / "manifest.csv")}
+    assert {"cat/rgb.jpg", "dog/huge.png"} <= kept  # 1200 and 6400 px, both within 10000
+    assert Image.MAX_IMAGE_PIXELS == 1000  # restored
+
+
+def test_folder_output_names_never_collide(tmp_path):
+    root = tmp_path / "photos"
+    _save(root / "a" / "x" / "y.png", _noise(10, 10, seed=1), "PNG")
+    _save(root / "a" / "x__y.png", _noise(10, 10, seed=2), "PNG")
+    _save(root / "b" / "z.png", _noise(10, 10, seed=3), "PNG")
+    ingest(folder_candidates(root), _folder_params(root), tmp_path / "raw")
+    rows = read_csv(tmp_path / "raw" / "manifest.csv")
+    assert len({r["path"] for r in rows}) == 3
+    for row in rows:
+        assert _sha(tmp_path / "raw" / row["path"]) == row["sha256"]
+    assert len({r["sha256"] for r in rows}) == 3
+
+
+def test_configured_class_without_images_is_an_error(image_tree, tmp_path):
+    params = _folder_params(image_tree, classes=["cat", "dog", "fish"])
+    with pytest.raises(PipelineError, match="fish"):
+        ingest(folder_candidates(image_tree), params, tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+
+
+def test_no_usable_images_is_an_error_and_keeps_old_output(tmp_path):
+    root = tmp_path / "photos"
+    (root / "cat").mkdir(parents=True)
+    (root / "cat" / "broken.png").write_bytes(b"nope")
+    out = tmp_path / "raw"
+    out.mkdir()
+    (out / "manifest.csv").write_text("old\n")
+    with pytest.raises(PipelineError, match=r"no usable images \(rejected 1\)"):
+        ingest(folder_candidates(root), _folder_params(root), out)
+    assert [p.name for p in out.iterdir()] == ["manifest.csv"]
+    assert (out / "manifest.csv").read_text() == "old\n"
+
+
+@pytest.mark.parametrize(
+    ("layout", "hint"),
+    [("missing", "is not a folder"), ("files-only", "has no class subfolders"), ("file", "is not a folder")],
+)
+def test_unusable_folder_path_is_a_pipeline_error(tmp_path, layout, hint):
+    root = tmp_path / "photos"
+    if layout == "files-only":
+        root.mkdir()
+        _save(root / "loose.png", _noise(10, 10), "PNG")
+        (root / ".hidden").mkdir()
+    elif layout == "file":
+        root.write_text("not a folder")
+    params = _folder_params(root)
+    with pytest.raises(PipelineError, match=hint) as info:
+        candidates_for(params)  # fails at once, before the stage starts writing anything
+    assert str(root) in str(info.value)
+    assert "data.folder.path" in str(info.value)
+    with pytest.raises(PipelineError, match=hint):
+        download(params, tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
