@@ -56,9 +56,9 @@ def set_top_blocks_trainable(backbone_model: keras.Model, backbone: Backbone, n_
 
     Frozen BatchNormalization layers run in inference mode in Keras 3, so the
     ImageNet statistics are kept while the convolutions adapt. Returns the number
-    of layers made trainable.
+    of layers with weights made trainable.
     """
-    if n_blocks > backbone.block_count:
+    if not 0 <= n_blocks <= backbone.block_count:
         raise PipelineError(
             f"fine_tune.unfreeze_blocks={n_blocks} but {backbone.name} has "
             f"{backbone.block_count} blocks (allowed: 0..{backbone.block_count})"

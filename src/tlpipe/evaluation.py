@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,9 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
         y_true, y_pred, labels=labels, zero_division=0
     )
     present = np.unique(y_true)
-    if len(present) < 2:
-        auc = float("nan")  # undefined with one class in the test split
+    if len(present) < len(classes):
+        # undefined: a one-vs-rest AUC needs positives and negatives of every class
+        auc = float("nan")
     elif len(classes) == 2:
         auc = roc_auc_score(y_true, probs[:, 1])
     else:
@@ -71,12 +73,21 @@ def predict_probabilities(model, data, batch_size: int) -> np.ndarray:
     return class_probabilities(model.predict(image_dataset(data, batch_size, with_labels=False), verbose=0))
 
 
+def metric_key(name: str) -> str:
+    """A class name as part of an MLflow metric name, which allows only ``\\w``, ``-``, ``.`` and space.
+
+    Class names are folder names ("c++", "pepper (red)"): logged as they are, MLflow
+    would reject them and fail the stage after its outputs were written.
+    """
+    return re.sub(r"[^\w\-. ]", "_", name)
+
+
 def flat_metrics(metrics: dict) -> dict[str, float]:
     """Scalar metrics as flat names, for MLflow."""
     flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     for cls, values in metrics["per_class"].items():
         for name, value in values.items():
-            flat[f"{cls}.{name}"] = value
+            flat[f"{metric_key(cls)}.{name}"] = value
     return {k: v for k, v in flat.items() if not (isinstance(v, float) and np.isnan(v))}
 
 

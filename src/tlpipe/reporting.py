@@ -101,9 +101,11 @@ def _html_table(rows: list[list[str]]) -> str:
 
 
 def _md_table(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
-    return "\n".join(lines)
+    def line(cells: list[str]) -> str:
+        # a "|" in a class name would otherwise split its cell in two
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(rows[0]), "|" + "---|" * len(rows[0]), *[line(r) for r in rows[1:]]])
 
 
 def headline(metrics: dict) -> list[list[str]]:
@@ -169,7 +171,7 @@ def write_report(
         (markdown_out, render_markdown(metrics, classes)),
     ):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text)
+        Path(path).write_text(text, encoding="utf-8")  # what the HTML declares, whatever the locale
     flat_params = {
         k: v for name in Params.model_fields for k, v in section_dict(getattr(params, name), name).items()
     }

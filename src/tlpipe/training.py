@@ -75,7 +75,7 @@ def write_history(history: keras.callbacks.History, path: Path) -> list[dict]:
         {"epoch": i + 1, **{k: float(history.history[k][i]) for k in keys}} for i in range(len(history.epoch))
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=["epoch", *keys], lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
@@ -253,6 +253,7 @@ def fine_tune(
             train,
             validation_data=val,
             epochs=params.epochs,
+            shuffle=False,  # the dataset reshuffles itself each epoch (seeded); Keras ignores it for datasets
             callbacks=[stop, MlflowEpochLogger("fine_tune")],
             verbose=2,
         )

@@ -1,0 +1,113 @@
+"""Tests for the shared stage-script entry point."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tlpipe.cli import stage_main
+from tlpipe.config import Params
+from tlpipe.errors import PipelineError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _params(tmp_path: Path, text: str = "fine_tune:\n  epochs: 3\n") -> str:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def _error_lines(stderr: str, stage: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith(f"{stage}: error: ")]
+
+
+def _never(params, args):  # pragma: no cover - must not be reached
+    raise AssertionError("the stage ran despite bad input")
+
+
+def test_runs_the_stage_with_validated_params_and_path_args(tmp_path: Path) -> None:
+    seen = []
+    argv = ["--params", _params(tmp_path), "--model-in", "m/in.keras", "--out", "o"]
+    assert stage_main("fine-tune", ["model-in", "out"], lambda p, a: seen.append((p, a)), argv) == 0
+    [(params, args)] = seen
+    assert isinstance(params, Params) and params.fine_tune.epochs == 3
+    assert args.model_in == Path("m/in.keras") and args.out == Path("o")
+
+
+def test_invalid_params_exit_1_with_one_line_naming_the_key(tmp_path: Path, capsys) -> None:
+    argv = ["--params", _params(tmp_path, "train_frozen:\n  epochs: 0\n"), "--out", "o"]
+    assert stage_main("train-frozen", ["out"], _never, argv) == 1
+    err = capsys.readouterr().err
+    [line] = _error_lines(err, "train-frozen")
+    assert "params.yaml" in line
+    assert "train_frozen.epochs" in err and "greater than or equal to 1" in err
+    assert "Traceback" not in err
+
+
+def test_unknown_key_is_named(tmp_path: Path, capsys) -> None:
+    argv = ["--params", _params(tmp_path, "evaluate:\n  batchsize: 8\n"), "--out", "o"]
+    assert stage_main("evaluate", ["out"], _never, argv) == 1
+    err = capsys.readouterr().err
+    assert len(_error_lines(err, "evaluate")) == 1
+    assert "evaluate.batchsize: unknown key" in err and "batch_size" in err
+
+
+def test_missing_params_file_exits_1(tmp_path: Path, capsys) -> None:
+    argv = ["--params", str(tmp_path / "nope.yaml"), "--out", "o"]
+    assert stage_main("split", ["out"], _never, argv) == 1
+    [line] = _error_lines(capsys.readouterr().err, "split")
+    assert "nope.yaml: no such file" in line
+
+
+def test_missing_path_argument_exits_via_argparse(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        stage_main("evaluate", ["data", "model"], _never, ["--params", _params(tmp_path), "--data", "d"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: stages/evaluate.py" in err and "--model" in err and "required" in err
+
+
+@pytest.mark.parametrize(
+    "error", [PipelineError("manifest.csv has no 'test' images"), FileNotFoundError("x.csv: not found")]
+)
+def test_user_errors_from_the_stage_are_one_line(tmp_path: Path, capsys, error: Exception) -> None:
+    def run(params, args):
+        raise error
+
+    assert stage_main("fine-tune", ["out"], run, ["--params", _params(tmp_path), "--out", "o"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"fine-tune: error: {error}\n"
+    assert captured.out == ""
+
+
+def test_other_exceptions_are_bugs_and_propagate(tmp_path: Path) -> None:
+    def run(params, args):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        stage_main("report", ["out"], run, ["--params", _params(tmp_path), "--out", "o"])
+
+
+def test_stage_script_prints_no_traceback(tmp_path: Path) -> None:
+    """The real script end to end: exit status and stderr as DVC shows them."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    bad = _params(tmp_path, "evaluate:\n  batch_size: -1\n")
+    args = ["--params", bad, "--data", "d", "--model", "m", "--out", str(tmp_path / "o")]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "stages" / "evaluate.py"), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert len(_error_lines(result.stderr, "evaluate")) == 1
+    assert "evaluate.batch_size" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,319 @@
+"""Tests for the two training phases: real (tiny) runs of train_frozen and fine_tune."""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import mlflow
+import mlflow.keras.save
+import numpy as np
+import pytest
+
+from augmented_fixture import make_augmented
+from tlpipe import training
+from tlpipe.backbones import get_backbone
+from tlpipe.config import FineTuneParams, TrainFrozenParams
+from tlpipe.datasets import image_dataset, load_augmented
+from tlpipe.errors import PipelineError
+
+BACKBONE = "efficientnet_lite0"
+HISTORY_COLUMNS = {"epoch", "loss", "val_loss", "accuracy", "val_accuracy"}
+# fine-tuning the top 2 blocks (block15 and the head conv) trains exactly these backbone layers
+TOP_TWO_BLOCKS = {"block15_expand_conv", "block15_dwconv", "block15_project_conv", "top_conv"}
+
+
+@dataclass
+class Trained:
+    root: Path
+    frozen: Path
+    frozen_history: Path
+    frozen_metrics: dict
+    frozen_run: str
+    model: Path
+    fine_history: Path
+    fine_metrics: dict
+    fine_run: str
+
+
+def _train(root: Path, frozen_epochs: int, fine_epochs: int, mlflow_store: str) -> Trained:
+    with pytest.MonkeyPatch.context() as mp:
+        # module-scoped fixtures run before conftest's per-test MLflow isolation: isolate here too
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+        mp.setenv("MLFLOW_EXPERIMENT_NAME", "tlpipe-tests")
+        # MLflow infers pip requirements by loading the model in a subprocess (~10 s a model)
+        mp.setattr(mlflow.keras.save, "infer_pip_requirements", lambda *args, **kwargs: [])
+        out = root.parent
+        frozen_params = TrainFrozenParams(epochs=frozen_epochs, batch_size=8, learning_rate=0.01, patience=5)
+        frozen_metrics = training.train_frozen(
+            root, frozen_params, out / "frozen.keras", out / "frozen" / "history.csv"
+        )
+        frozen_run = mlflow.last_active_run().info.run_id
+        fine_params = FineTuneParams(
+            unfreeze_blocks=2, epochs=fine_epochs, batch_size=8, learning_rate=1e-3, patience=5
+        )
+        fine_metrics = training.fine_tune(
+            root, out / "frozen.keras", fine_params, out / "model.keras", out / "fine" / "history.csv"
+        )
+        fine_run = mlflow.last_active_run().info.run_id
+    return Trained(
+        root,
+        out / "frozen.keras",
+        out / "frozen" / "history.csv",
+        frozen_metrics,
+        frozen_run,
+        out / "model.keras",
+        out / "fine" / "history.csv",
+        fine_metrics,
+        fine_run,
+    )
+
+
+@pytest.fixture(scope="module")
+def tri(tmp_path_factory, mlflow_store) -> Trained:
+    root = make_augmented(
+        tmp_path_factory.mktemp("tri") / "augmented", ["red", "green", "blue"], {"train": 6, "val": 3}
+    )
+    return _train(root, frozen_epochs=2, fine_epochs=2, mlflow_store=mlflow_store)
+
+
+@pytest.fixture(scope="module")
+def binary(tmp_path_factory, mlflow_store) -> Trained:
+    root = make_augmented(
+        tmp_path_factory.mktemp("bin") / "augmented", ["red", "green"], {"train": 6, "val": 3}
+    )
+    return _train(root, frozen_epochs=2, fine_epochs=1, mlflow_store=mlflow_store)
+
+
+@pytest.fixture(scope="module")
+def fresh_backbone() -> keras.Model:
+    return training.build_backbone_model(BACKBONE, "imagenet", 32)
+
+
+def _load(path: Path) -> keras.Model:
+    return keras.models.load_model(path)
+
+
+def _history(path: Path) -> tuple[list[str], list[dict[str, float]]]:
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames), [{k: float(v) for k, v in row.items()} for row in reader]
+
+
+# ------------------------------------------------------------------ helpers
+
+
+@pytest.mark.parametrize(
+    ("n_classes", "units", "activation", "loss"),
+    [(2, 1, "sigmoid", "binary_crossentropy"), (3, 3, "softmax", "sparse_categorical_crossentropy")],
+)
+def test_output_spec(n_classes: int, units: int, activation: str, loss: str) -> None:
+    assert training.output_spec(n_classes) == training.OutputSpec(units, activation, loss)
+    assert training.output_spec(7).units == 7
+
+
+@pytest.mark.parametrize("n_classes", [0, 1])
+def test_output_spec_needs_two_classes(n_classes: int) -> None:
+    with pytest.raises(PipelineError, match=f"at least 2 classes, got {n_classes}"):
+        training.output_spec(n_classes)
+
+
+def test_class_probabilities_for_sigmoid_output() -> None:
+    probs = training.class_probabilities(np.array([[0.2], [0.9], [0.5]], dtype=np.float32))
+    np.testing.assert_allclose(probs, [[0.8, 0.2], [0.1, 0.9], [0.5, 0.5]], atol=1e-7)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+
+
+def test_class_probabilities_for_softmax_output() -> None:
+    softmax = keras.ops.convert_to_numpy(
+        keras.activations.softmax(np.array([[1.0, 2.0, 0.5], [0.0, 0.0, 3.0]]))
+    )
+    probs = training.class_probabilities(softmax.astype(np.float32))
+    assert probs.shape == (2, 3) and probs.dtype == np.float64
+    np.testing.assert_allclose(probs, softmax, rtol=1e-6)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_best_epoch_metrics_picks_lowest_val_loss() -> None:
+    rows = [
+        {"epoch": 1, "loss": 0.9, "val_loss": 0.8, "val_accuracy": 0.5},
+        {"epoch": 2, "loss": 0.5, "val_loss": 0.4, "val_accuracy": 0.7},
+        {"epoch": 3, "loss": 0.3, "val_loss": 0.6, "val_accuracy": 0.9},
+    ]
+    assert training.best_epoch_metrics(rows) == {
+        "best_epoch": 2,
+        "epochs_run": 3,
+        "best_loss": 0.5,
+        "best_val_loss": 0.4,
+        "best_val_accuracy": 0.7,
+    }
+
+
+def test_find_backbone_requires_a_known_backbone_layer() -> None:
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    with pytest.raises(PipelineError, match=f"no known backbone layer.*{BACKBONE}"):
+        training.find_backbone(model)
+
+
+# ----------------------------------------------------------- the frozen phase
+
+
+def test_frozen_model_loads_with_a_softmax_head(tri: Trained) -> None:
+    model = _load(tri.frozen)
+    assert model.input_shape == (None, 32, 32, 3)
+    assert model.output_shape == (None, 3)
+    assert model.get_layer(training.HEAD_OUTPUT).get_config()["activation"] == "softmax"
+    backbone, name = training.find_backbone(model)
+    assert name == BACKBONE and backbone.trainable is False
+    assert not [p for p in tri.frozen.parent.iterdir() if "partial" in p.name]  # atomic save cleaned up
+
+
+def test_frozen_backbone_is_exactly_the_pretrained_one(tri: Trained, fresh_backbone: keras.Model) -> None:
+    backbone, _ = training.find_backbone(_load(tri.frozen))
+    compared = 0
+    for layer in fresh_backbone.layers:
+        for saved, fresh in zip(
+            backbone.get_layer(layer.name).get_weights(), layer.get_weights(), strict=True
+        ):
+            np.testing.assert_array_equal(saved, fresh, err_msg=layer.name)
+            compared += 1
+    assert compared > 200  # every conv kernel and BN statistic of the backbone
+
+
+def test_assembled_model_equals_head_on_cached_features(tri: Trained, fresh_backbone: keras.Model) -> None:
+    """The frozen phase trains on cached features: the saved model must compute the same thing."""
+    val = load_augmented(tri.root).split("val")
+    features = training.compute_features(fresh_backbone, val, batch_size=4)
+    assert features.shape == (9, 1280)
+    model = _load(tri.frozen)
+    head_on_features = keras.ops.convert_to_numpy(model.get_layer(training.HEAD_OUTPUT)(features))
+    predictions = model.predict(image_dataset(val, 4, with_labels=False), verbose=0)
+    np.testing.assert_allclose(predictions, head_on_features, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(predictions.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_frozen_model_carries_the_best_trained_head(tri: Trained) -> None:
+    """Its val loss is the history's best: the trained head (best epoch) was copied, not a fresh one."""
+    model = _load(tri.frozen)
+    training.compile_for(model, 3, 1e-3)
+    val = load_augmented(tri.root).split("val")
+    loss, _ = model.evaluate(image_dataset(val, 8), verbose=0)
+    _, rows = _history(tri.frozen_history)
+    assert loss == pytest.approx(min(r["val_loss"] for r in rows), rel=1e-4)
+    assert loss == pytest.approx(tri.frozen_metrics["best_val_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("phase", ["frozen", "fine"])
+def test_history_has_one_row_per_epoch(tri: Trained, phase: str) -> None:
+    path, metrics = getattr(tri, f"{phase}_history"), getattr(tri, f"{phase}_metrics")
+    fields, rows = _history(path)
+    assert fields[0] == "epoch" and set(fields) == HISTORY_COLUMNS
+    assert [r["epoch"] for r in rows] == [1.0, 2.0]
+    assert metrics["epochs_run"] == 2
+    assert all(r["loss"] > 0 and 0 <= r["val_accuracy"] <= 1 for r in rows)
+    best = min(rows, key=lambda r: r["val_loss"])
+    assert metrics["best_epoch"] == best["epoch"] and metrics["best_val_loss"] == best["val_loss"]
+
+
+# --------------------------------------------------------------- fine-tuning
+
+
+def test_fine_tune_changes_only_the_top_blocks(tri: Trained) -> None:
+    before, _ = training.find_backbone(_load(tri.frozen))
+    after, _ = training.find_backbone(_load(tri.model))
+    changed, unchanged_norms = set(), 0
+    for layer in after.layers:
+        old, new = before.get_layer(layer.name).get_weights(), layer.get_weights()
+        same = all(np.array_equal(a, b) for a, b in zip(old, new, strict=True))
+        if isinstance(layer, keras.layers.BatchNormalization):
+            assert same, f"{layer.name}: BatchNormalization weights or moving statistics changed"
+            unchanged_norms += 1
+        elif not same:
+            changed.add(layer.name)
+    assert changed == TOP_TWO_BLOCKS
+    assert unchanged_norms > 40
+    assert tri.fine_metrics["trainable_layers"] == len(TOP_TWO_BLOCKS)
+
+
+def test_fine_tune_also_trains_the_head(tri: Trained) -> None:
+    old = _load(tri.frozen).get_layer(training.HEAD_OUTPUT).get_weights()
+    new = _load(tri.model).get_layer(training.HEAD_OUTPUT).get_weights()
+    assert not np.array_equal(old[0], new[0])
+
+
+def test_fine_tune_rejects_too_many_blocks(tri: Trained, tmp_path: Path) -> None:
+    params = FineTuneParams(unfreeze_blocks=get_backbone(BACKBONE).block_count + 1, epochs=1)
+    with pytest.raises(PipelineError, match=r"allowed: 0\.\.17"):
+        training.fine_tune(tri.root, tri.frozen, params, tmp_path / "m.keras", tmp_path / "h.csv")
+    assert not (tmp_path / "m.keras").exists()
+
+
+def test_fine_tune_without_a_frozen_model_says_which_stage_to_run(tri: Trained, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="run the train-frozen stage first"):
+        training.fine_tune(
+            tri.root, tmp_path / "nope.keras", FineTuneParams(), tmp_path / "m.keras", tmp_path / "h"
+        )
+
+
+# --------------------------------------------------------------------- binary
+
+
+def test_two_classes_train_a_one_unit_sigmoid_head(binary: Trained) -> None:
+    val = load_augmented(binary.root).split("val")
+    for path in (binary.frozen, binary.model):
+        model = _load(path)
+        assert model.output_shape == (None, 1)
+        assert model.get_layer(training.HEAD_OUTPUT).get_config()["activation"] == "sigmoid"
+        outputs = model.predict(image_dataset(val, 8, with_labels=False), verbose=0)
+        assert outputs.shape == (6, 1) and ((outputs > 0) & (outputs < 1)).all()
+        np.testing.assert_allclose(training.class_probabilities(outputs).sum(axis=1), 1.0)
+    assert len(_history(binary.frozen_history)[1]) == 2
+    fields, rows = _history(binary.fine_history)
+    assert set(fields) == HISTORY_COLUMNS and len(rows) == 1
+
+
+# --------------------------------------------------------------------- MLflow
+
+
+def _client() -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+
+
+@pytest.mark.parametrize(
+    ("phase", "stage", "prefix", "section", "param_value"),
+    [
+        ("frozen", "train-frozen", "frozen", "train_frozen", ("train_frozen.learning_rate", "0.01")),
+        ("fine", "fine-tune", "fine_tune", "fine_tune", ("fine_tune.unfreeze_blocks", "2")),
+    ],
+)
+def test_each_stage_logs_a_run_with_params_epoch_metrics_and_model(
+    tri: Trained, phase: str, stage: str, prefix: str, section: str, param_value: tuple[str, str]
+) -> None:
+    client = _client()
+    run_id = getattr(tri, f"{phase}_run")
+    run = client.get_run(run_id)
+    tagged = client.search_runs([run.info.experiment_id], filter_string=f"tags.`tlpipe.stage` = '{stage}'")
+    assert run_id in {r.info.run_id for r in tagged}
+    assert all(r.data.tags["tlpipe.stage"] == stage for r in tagged)
+
+    key, value = param_value
+    assert run.data.params[key] == value
+    assert run.data.params[f"{section}.epochs"] == "2" and f"{section}.seed" in run.data.params
+
+    _, rows = _history(getattr(tri, f"{phase}_history"))
+    for name in ("loss", "val_loss", "accuracy", "val_accuracy"):
+        logged = sorted(client.get_metric_history(run_id, f"{prefix}.{name}"), key=lambda m: m.step)
+        assert [m.step for m in logged] == [0, 1], name
+        np.testing.assert_allclose([m.value for m in logged], [r[name] for r in rows], rtol=1e-6)
+    assert run.data.metrics["epochs_run"] == 2
+    assert run.data.metrics["best_val_loss"] == pytest.approx(
+        getattr(tri, f"{phase}_metrics")["best_val_loss"]
+    )
+
+    models = [m for m in client.search_logged_models([run.info.experiment_id]) if m.source_run_id == run_id]
+    assert [m.name for m in models] == ["model"]
+    assert str(models[0].status).endswith("READY")
