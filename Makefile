@@ -7,7 +7,6 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # stage commands call `python`: make it the one in .venv, whatever the caller's PATH holds
 export PATH := $(CURDIR)/$(BIN):$(PATH)
-export NO_ALBUMENTATIONS_UPDATE := 1
 
 .PHONY: setup run test clean
 

@@ -63,7 +63,6 @@ def _copy_repo(dest: Path) -> None:
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["NO_ALBUMENTATIONS_UPDATE"] = "1"
     return env
 
 

@@ -142,11 +142,11 @@ def test_no_history_at_all_says_so(tmp_path: Path) -> None:
     assert len(_images(page)) == 2  # confusion matrix and ROC
 
 
-def test_nan_auc_is_shown_not_fatal(tmp_path: Path) -> None:
+def test_undefined_auc_is_shown_not_fatal(tmp_path: Path) -> None:
     inputs = _inputs(tmp_path)
-    inputs["metrics_path"].write_text(json.dumps({**METRICS, "roc_auc": float("nan")}))
+    inputs["metrics_path"].write_text(json.dumps({**METRICS, "roc_auc": None}))
     write_report(**inputs)
-    assert "| ROC-AUC | nan |" in inputs["markdown_out"].read_text(encoding="utf-8")
+    assert "| ROC-AUC | n/a |" in inputs["markdown_out"].read_text(encoding="utf-8")
 
 
 def test_report_logs_params_metrics_and_artifacts(tmp_path: Path) -> None:

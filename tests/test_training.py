@@ -44,8 +44,6 @@ def _train(root: Path, frozen_epochs: int, fine_epochs: int, mlflow_store: str) 
         # module-scoped fixtures run before conftest's per-test MLflow isolation: isolate here too
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_store)
         mp.setenv("MLFLOW_EXPERIMENT_NAME", "tlpipe-tests")
-        # MLflow infers pip requirements by loading the model in a subprocess (~10 s a model)
-        mp.setattr(mlflow.keras.save, "infer_pip_requirements", lambda *args, **kwargs: [])
         out = root.parent
         frozen_params = TrainFrozenParams(epochs=frozen_epochs, batch_size=8, learning_rate=0.01, patience=5)
         frozen_metrics = training.train_frozen(
@@ -307,7 +305,7 @@ def test_each_stage_logs_a_run_with_params_epoch_metrics_and_model(
     _, rows = _history(getattr(tri, f"{phase}_history"))
     for name in ("loss", "val_loss", "accuracy", "val_accuracy"):
         logged = sorted(client.get_metric_history(run_id, f"{prefix}.{name}"), key=lambda m: m.step)
-        assert [m.step for m in logged] == [0, 1], name
+        assert [m.step for m in logged] == [r["epoch"] for r in rows] == [1, 2], name
         np.testing.assert_allclose([m.value for m in logged], [r[name] for r in rows], rtol=1e-6)
     assert run.data.metrics["epochs_run"] == 2
     assert run.data.metrics["best_val_loss"] == pytest.approx(
@@ -317,3 +315,21 @@ def test_each_stage_logs_a_run_with_params_epoch_metrics_and_model(
     models = [m for m in client.search_logged_models([run.info.experiment_id]) if m.source_run_id == run_id]
     assert [m.name for m in models] == ["model"]
     assert str(models[0].status).endswith("READY")
+
+
+def test_fine_tune_that_only_hurts_keeps_the_frozen_weights(tri: Trained, tmp_path: Path) -> None:
+    # a huge learning rate wrecks the weights in one step: no epoch can beat the start
+    params = FineTuneParams(unfreeze_blocks=2, epochs=1, batch_size=8, learning_rate=50.0, patience=1)
+    metrics = training.fine_tune(
+        tri.root, tri.frozen, params, tmp_path / "model.keras", tmp_path / "history.csv"
+    )
+    assert metrics["kept_initial_weights"] == 1
+    assert metrics["best_val_loss"] > metrics["initial_val_loss"]
+    kept, frozen = _load(tmp_path / "model.keras"), _load(tri.frozen)
+    for a, b in zip(kept.get_weights(), frozen.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fine_tune_that_helps_keeps_its_weights(tri: Trained) -> None:
+    assert tri.fine_metrics["kept_initial_weights"] == 0
+    assert tri.fine_metrics["best_val_loss"] < tri.fine_metrics["initial_val_loss"]

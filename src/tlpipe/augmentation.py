@@ -7,9 +7,9 @@ byte-for-byte reproducible.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+import albumentations as A  # tlpipe/__init__.py turns off its update check first
 import cv2
 import numpy as np
 from PIL import Image
@@ -19,10 +19,6 @@ from tlpipe import tracking
 from tlpipe.config import AugmentParams, section_dict
 from tlpipe.manifest import atomic_dir, read_csv, read_json, write_csv
 from tlpipe.sources import png_bytes
-
-# albumentations checks PyPI for updates at import; pipelines run offline and must not wait on it
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-import albumentations as A
 
 AUGMENTED_FIELDS = ("path", "label", "label_index", "split", "source")
 

@@ -111,7 +111,7 @@ class TrainFrozenParams(_Section):
 class FineTuneParams(_Section):
     unfreeze_blocks: int = Field(2, ge=0)
     batch_size: int = Field(32, ge=1)
-    epochs: int = Field(5, ge=0)
+    epochs: int = Field(5, ge=1)
     learning_rate: float = Field(1e-4, gt=0.0)
     patience: int = Field(3, ge=1)
     seed: int = 42

@@ -29,8 +29,9 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
     )
     present = np.unique(y_true)
     if len(present) < len(classes):
-        # undefined: a one-vs-rest AUC needs positives and negatives of every class
-        auc = float("nan")
+        # undefined: a one-vs-rest AUC needs positives and negatives of every class;
+        # None becomes JSON null (NaN is not valid JSON for strict readers)
+        auc = None
     elif len(classes) == 2:
         auc = roc_auc_score(y_true, probs[:, 1])
     else:
@@ -38,7 +39,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "roc_auc": float(auc),
+        "roc_auc": None if auc is None else float(auc),
         "n_test": len(y_true),
         "per_class": {
             c: {
@@ -88,7 +89,7 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
     for cls, values in metrics["per_class"].items():
         for name, value in values.items():
             flat[f"{metric_key(cls)}.{name}"] = value
-    return {k: v for k, v in flat.items() if not (isinstance(v, float) and np.isnan(v))}
+    return flat
 
 
 def evaluate(augmented_dir: Path, model_path: Path, params: EvaluateParams, out_dir: Path) -> dict:
@@ -130,8 +131,10 @@ def evaluate(augmented_dir: Path, model_path: Path, params: EvaluateParams, out_
             )
         tracking.log_metrics(flat_metrics(metrics))
         tracking.log_artifact(str(Path(out_dir) / "metrics.json"))
+    auc = metrics["roc_auc"]
+    auc_text = "n/a (a class is missing from the test split)" if auc is None else f"{auc:.4f}"
     print(
         f"evaluate: test accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}, "
-        f"ROC-AUC {metrics['roc_auc']:.4f} on {metrics['n_test']} images"
+        f"ROC-AUC {auc_text} on {metrics['n_test']} images"
     )
     return metrics

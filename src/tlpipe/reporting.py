@@ -108,12 +108,17 @@ def _md_table(rows: list[list[str]]) -> str:
     return "\n".join([line(rows[0]), "|" + "---|" * len(rows[0]), *[line(r) for r in rows[1:]]])
 
 
+def format_metric(value: float | None) -> str:
+    """None stands for a metric that is undefined on this test split."""
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def headline(metrics: dict) -> list[list[str]]:
     return [
         ["metric", "value"],
-        ["accuracy", f"{metrics['accuracy']:.4f}"],
-        ["macro F1", f"{metrics['macro_f1']:.4f}"],
-        ["ROC-AUC", f"{metrics['roc_auc']:.4f}"],
+        ["accuracy", format_metric(metrics["accuracy"])],
+        ["macro F1", format_metric(metrics["macro_f1"])],
+        ["ROC-AUC", format_metric(metrics["roc_auc"])],
         ["test images", str(metrics["n_test"])],
     ]
 

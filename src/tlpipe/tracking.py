@@ -66,4 +66,21 @@ def log_keras_model(model, name: str, example_batch) -> None:
 
     predictions = model.predict(example_batch, verbose=0)
     signature = infer_signature(example_batch, predictions)
-    mlflow.keras.log_model(model, name=name, signature=signature)
+    mlflow.keras.log_model(model, name=name, signature=signature, pip_requirements=model_requirements())
+
+
+def model_requirements() -> list[str]:
+    """What serving the model needs, pinned to what trained it.
+
+    Given explicitly because MLflow's own inference starts a subprocess that
+    reloads the model, about ten seconds per logged model.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for package in ("keras", "tensorflow-cpu", "tensorflow", "numpy"):
+        try:
+            pins.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            continue
+    return pins

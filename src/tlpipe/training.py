@@ -66,7 +66,7 @@ class MlflowEpochLogger(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         metrics = {f"{self.prefix}.{k}": v for k, v in (logs or {}).items() if k != "learning_rate"}
-        tracking.log_metrics(metrics, step=epoch)
+        tracking.log_metrics(metrics, step=epoch + 1)  # 1-based, as in the history CSVs
 
 
 def write_history(history: keras.callbacks.History, path: Path) -> list[dict]:
@@ -249,6 +249,8 @@ def fine_tune(
             monitor="val_loss", patience=params.patience, restore_best_weights=True
         )
         start = time.perf_counter()
+        initial_val_loss = float(model.evaluate(val, verbose=0, return_dict=True)["loss"])
+        initial_weights = model.get_weights()
         history = model.fit(
             train,
             validation_data=val,
@@ -258,10 +260,21 @@ def fine_tune(
             verbose=2,
         )
         seconds = time.perf_counter() - start
-        save_model_atomically(model, model_out)
         rows = write_history(history, history_out)
+        best = best_epoch_metrics(rows)
+        # never hand on a model worse on validation than the one we started from
+        kept_initial = best["best_val_loss"] >= initial_val_loss
+        if kept_initial:
+            model.set_weights(initial_weights)
+            print(
+                f"fine-tune: no epoch beat the frozen model's val_loss {initial_val_loss:.4f} "
+                f"(best {best['best_val_loss']:.4f}); keeping the frozen model's weights"
+            )
+        save_model_atomically(model, model_out)
         metrics = {
-            **(best_epoch_metrics(rows) if rows else {}),
+            **best,
+            "initial_val_loss": initial_val_loss,
+            "kept_initial_weights": int(kept_initial),
             "train_seconds": seconds,
             "trainable_layers": unfrozen,
         }
