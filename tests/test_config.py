@@ -262,3 +262,13 @@ def _section_fields(section: str) -> dict:
     for part in section.split("."):
         value = value[part]
     return value
+
+
+def test_shipped_params_yaml_spells_out_the_code_defaults() -> None:
+    """params.yaml is the documentation of the defaults: the two must not drift apart."""
+    import yaml
+
+    from tlpipe.config import Params, parse_params
+
+    shipped = parse_params(yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text()))
+    assert shipped == Params()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -333,3 +334,16 @@ def test_fine_tune_that_only_hurts_keeps_the_frozen_weights(tri: Trained, tmp_pa
 def test_fine_tune_that_helps_keeps_its_weights(tri: Trained) -> None:
     assert tri.fine_metrics["kept_initial_weights"] == 0
     assert tri.fine_metrics["best_val_loss"] < tri.fine_metrics["initial_val_loss"]
+
+
+def test_saved_model_is_byte_reproducible(tri: Trained, tmp_path: Path) -> None:
+    model = _load(tri.frozen)
+    first, second = tmp_path / "a.keras", tmp_path / "b.keras"
+    training.save_model_atomically(model, first)
+    time.sleep(1.1)  # zip entry dates have 2-second resolution; metadata has seconds
+    training.save_model_atomically(model, second)
+    assert first.read_bytes() == second.read_bytes()
+    reloaded = _load(first)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_array_equal(reloaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    assert not list(tmp_path.glob(".*partial*"))

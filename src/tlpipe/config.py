@@ -39,7 +39,7 @@ class _Section(BaseModel):
 
 
 class DemoParams(_Section):
-    images_per_class: int = Field(120, ge=4, le=100_000)
+    images_per_class: int = Field(200, ge=4, le=100_000)
     image_size: int = Field(64, ge=16, le=1024)
     seed: int = 0
 
@@ -84,7 +84,7 @@ class SplitParams(_Section):
 
 
 class AugmentParams(_Section):
-    image_size: int = Field(96, ge=32, le=1024)
+    image_size: int = Field(112, ge=32, le=1024)
     copies: int = Field(2, ge=0, le=100)
     seed: int = 42
     horizontal_flip: float = _probability(0.5)
@@ -97,24 +97,25 @@ class AugmentParams(_Section):
     probability: float = _probability(0.7)
 
 
-class TrainFrozenParams(_Section):
+class _TrainingPhase(_Section):
+    batch_size: int = Field(32, ge=1)
+    epochs: int = Field(40, ge=1)
+    learning_rate: float = Field(1e-3, gt=0.0)
+    patience: int = Field(5, ge=1)  # epochs without a better val_loss before stopping
+    seed: int = 42
+
+
+class TrainFrozenParams(_TrainingPhase):
     backbone: Literal["efficientnet_lite0"] = "efficientnet_lite0"
     weights: str = "imagenet"
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
-    batch_size: int = Field(32, ge=1)
-    epochs: int = Field(30, ge=1)
-    learning_rate: float = Field(1e-3, gt=0.0)
-    patience: int = Field(5, ge=1)
-    seed: int = 42
 
 
-class FineTuneParams(_Section):
-    unfreeze_blocks: int = Field(2, ge=0)
-    batch_size: int = Field(32, ge=1)
+class FineTuneParams(_TrainingPhase):
+    unfreeze_blocks: int = Field(3, ge=0)
     epochs: int = Field(5, ge=1)
-    learning_rate: float = Field(1e-4, gt=0.0)
-    patience: int = Field(3, ge=1)
-    seed: int = 42
+    learning_rate: float = Field(1e-5, gt=0.0)
+    patience: int = Field(2, ge=1)
 
 
 class EvaluateParams(_Section):

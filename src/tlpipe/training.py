@@ -9,8 +9,10 @@ The trained head is then put back on the backbone and saved as one model.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,12 +85,33 @@ def write_history(history: keras.callbacks.History, path: Path) -> list[dict]:
 
 
 def save_model_atomically(model: keras.Model, path: Path) -> None:
-    """A kill during save leaves the previous file or none, never a truncated one."""
+    """Save so that a kill leaves the previous file or none, never a truncated one.
+
+    The archive is also made byte-reproducible, so the same weights give the same
+    file and DVC sees an unchanged model as unchanged.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.partial.keras")
     model.save(tmp)
+    make_archive_reproducible(tmp)
     os.replace(tmp, path)
+
+
+def make_archive_reproducible(path: Path) -> None:
+    """Drop the save time from a .keras archive: fixed entry dates, no ``date_saved``."""
+    with zipfile.ZipFile(path) as archive:
+        entries = [(info, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w") as archive:
+        for info, data in entries:
+            if info.filename == "metadata.json":
+                metadata = json.loads(data)
+                metadata.pop("date_saved", None)
+                data = json.dumps(metadata).encode()
+            fixed = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
+            fixed.compress_type = info.compress_type
+            fixed.external_attr = info.external_attr
+            archive.writestr(fixed, data)
 
 
 def best_epoch_metrics(rows: list[dict]) -> dict[str, float]:
