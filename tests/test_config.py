@@ -29,10 +29,21 @@ SECTIONS = {
         "shift_limit",
         "vertical_flip",
     ],
-    "data": ["classes", "demo", "folder", "max_image_pixels", "min_image_size", "source"],
+    "data": [
+        "classes",
+        "csv",
+        "demo",
+        "folder",
+        "max_image_pixels",
+        "max_rejected_fraction",
+        "medmnist",
+        "min_image_size",
+        "source",
+        "url",
+    ],
     "data.demo": ["image_size", "images_per_class", "seed"],
     "data.folder": ["path"],
-    "split": ["seed", "test_fraction", "val_fraction"],
+    "split": ["duplicates", "group_pattern", "seed", "source_splits", "test_fraction", "val_fraction"],
     "evaluate": ["batch_size"],
 }
 

@@ -7,6 +7,7 @@ value and what is allowed.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -45,21 +46,59 @@ class DemoParams(_Section):
 
 
 class FolderParams(_Section):
+    # one subfolder per class, or train/val/test subfolders each holding one subfolder per class
     path: str | None = None
 
 
+class CsvParams(_Section):
+    images: str | None = None  # folder the CSV's paths are relative to
+    file: str | None = None  # the CSV of labels
+    path_column: str = "image_id"
+    label_column: str = "dx"
+    extension: str = ""  # appended to each path, e.g. ".jpg" for HAM10000's image_id
+    group_column: str | None = None  # e.g. HAM10000's lesion_id: rows sharing it stay in one split
+    split_column: str | None = None  # a column of train/val/test, when the CSV brings its own split
+
+
+class MedmnistParams(_Section):
+    name: str | None = None  # e.g. pneumoniamnist, dermamnist
+    size: Literal[28, 64, 128, 224] = 28
+    path: str | None = None  # a local .npz in the MedMNIST layout instead of the download
+
+
+class UrlParams(_Section):
+    url: str | None = None  # http(s):// or file:// to a .zip, .tar.gz or .tgz
+    sha256: str | None = None  # required: a download that does not match is never used
+    subdir: str | None = None  # folder inside the archive holding the class (or split) folders
+    max_extracted_bytes: int = Field(20_000_000_000, ge=1)
+    max_members: int = Field(1_000_000, ge=1)
+
+
 class DataParams(_Section):
-    source: Literal["demo", "folder"] = "demo"
+    source: Literal["demo", "folder", "csv", "medmnist", "url"] = "demo"
     classes: list[str] | None = None
     min_image_size: int = Field(8, ge=1)
     max_image_pixels: int = Field(50_000_000, ge=1)
+    max_rejected_fraction: float = Field(0.1, ge=0.0, le=1.0)  # above it the stage fails
     demo: DemoParams = DemoParams()
     folder: FolderParams = FolderParams()
+    csv: CsvParams = CsvParams()
+    medmnist: MedmnistParams = MedmnistParams()
+    url: UrlParams = UrlParams()
 
     @model_validator(mode="after")
-    def _folder_needs_path(self) -> DataParams:
-        if self.source == "folder" and not self.folder.path:
-            raise ValueError("data.source is 'folder' but data.folder.path is not set")
+    def _source_is_configured(self) -> DataParams:
+        required = {
+            "folder": [("folder.path", self.folder.path)],
+            "csv": [("csv.images", self.csv.images), ("csv.file", self.csv.file)],
+            "medmnist": [("medmnist.name or data.medmnist.path", self.medmnist.name or self.medmnist.path)],
+            "url": [("url.url", self.url.url), ("url.sha256", self.url.sha256)],
+        }
+        for key, value in required.get(self.source, []):
+            if not value:
+                raise ValueError(f"data.source is '{self.source}' but data.{key} is not set")
+        if self.url.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.url.sha256):
+            raise ValueError(f"data.url.sha256 must be 64 hex digits, got {self.url.sha256!r}")
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
             raise ValueError(f"data.classes has duplicates: {self.classes}")
         if self.classes is not None and len(self.classes) < 2:
@@ -72,6 +111,27 @@ class SplitParams(_Section):
     val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     seed: int = 42
+    # a regex on the file name whose first group names the group (e.g. a patient id):
+    # images of one group never sit in two splits
+    group_pattern: str | None = None
+    # exact duplicates (same decoded pixels): keep_one drops all copies but one;
+    # keep_first_split keeps the copies that sit in the first split holding one (train, val, test)
+    duplicates: Literal["keep_one", "keep_first_split"] = "keep_one"
+    # when the source brings its own splits: keep them as given, or re-split train+val (test kept)
+    source_splits: Literal["keep", "resplit_train_val"] = "keep"
+
+    @field_validator("group_pattern")
+    @classmethod
+    def _one_capturing_group(cls, pattern: str | None) -> str | None:
+        if pattern is None:
+            return None
+        try:
+            compiled = re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"not a valid regular expression: {err}") from None
+        if compiled.groups < 1:
+            raise ValueError("needs one capturing group, e.g. 'person(\\d+)_'")
+        return pattern
 
     @model_validator(mode="after")
     def _leaves_training_data(self) -> SplitParams:

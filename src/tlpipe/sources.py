@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,19 +21,13 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps
 from tqdm import tqdm
 
 from tlpipe import tracking
+from tlpipe.candidates import Candidate
 from tlpipe.config import DataParams, DemoParams, section_dict
 from tlpipe.errors import PipelineError
 from tlpipe.manifest import MANIFEST_FIELDS, atomic_dir, sha256_bytes, write_csv, write_json
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 DEMO_CLASSES = ("circle", "square", "triangle", "cross")
-
-
-@dataclass(frozen=True)
-class Candidate:
-    source: str  # where it came from, for the manifest and for rejection messages
-    label: str
-    open: Callable[[], Image.Image]
 
 
 @dataclass(frozen=True)
