@@ -13,7 +13,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.neighbors import NearestCentroid
 
-from tlpipe.config import DataParams, DemoParams, FolderParams
+from tlpipe.config import CsvParams, DataParams, DemoParams, FolderParams
 from tlpipe.errors import PipelineError
 from tlpipe.manifest import MANIFEST_FIELDS, read_csv, read_json
 from tlpipe.sources import (
@@ -33,6 +33,8 @@ def _demo(tmp_path: Path, name: str = "raw", **demo) -> Path:
 
 
 def _folder_params(root: Path, **kw) -> DataParams:
+    # the corpus is half bad files on purpose: lift the share that would fail the stage
+    kw.setdefault("max_rejected_fraction", 1.0)
     return DataParams(source="folder", folder=FolderParams(path=str(root)), **kw)
 
 
@@ -61,7 +63,7 @@ def test_demo_classes_counts_and_sizes(tmp_path):
     assert len(classes) >= 3
     assert classes == sorted(DEMO_CLASSES)
     assert {c: sum(r["label"] == c for r in rows) for c in classes} == dict.fromkeys(classes, 5)
-    assert read_csv(raw / "rejected.csv") == []
+    assert read_csv(raw / "quarantine.csv") == []
     for row in rows:
         assert list(row)[: len(MANIFEST_FIELDS)] == list(MANIFEST_FIELDS)
         assert (row["width"], row["height"]) == ("24", "24")
@@ -143,14 +145,45 @@ def image_tree(tmp_path) -> Path:
     _save(root / "dog" / "tiny.png", _noise(5, 30), "PNG")
     _save(root / "dog" / "huge.png", _noise(80, 80), "PNG")
     _save(root / "bird" / "robin.png", _noise(20, 20), "PNG")
+    (root / "dog" / "random.png").write_bytes(np.random.default_rng(3).bytes(500))
+    (root / "dog" / "page.jpeg").write_text("<html><body>404 not found</body></html>\n")
+    (root / "dog" / "doc.png").write_bytes(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj<<>>endobj\n")
+    png = io.BytesIO()
+    _noise(30, 30, seed=4).save(png, "PNG")
+    (root / "dog" / "cut.png").write_bytes(png.getvalue()[: len(png.getvalue()) // 2])
+    corrupt = bytearray(png.getvalue())
+    idat = corrupt.index(b"IDAT") + 8
+    corrupt[idat : idat + 40] = bytes(40)  # zeroed compressed data: the stream no longer inflates
+    (root / "dog" / "corrupt.png").write_bytes(bytes(corrupt))
+    (root / "dog" / "bomb.png").write_bytes(_png_header_only(100_000, 100_000))
     (root / "dog" / ".DS_Store").write_bytes(b"\x00\x01")  # hidden: skipped, not even rejected
     return root
 
 
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims a huge image: a decompression bomb's calling card."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(bytes(64))  # a few hundred bytes on disk, 30 GB once decoded
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+# one entry per kind of bad file: 13 kinds
 EXPECTED_REJECTED = {
-    "dog/empty.png": "cannot decode image",
+    "dog/empty.png": "empty file (0 bytes)",
     "dog/truncated.jpg": "truncated",
-    "dog/fake.jpg": "cannot decode image",
+    "dog/fake.jpg": "not an image (unrecognised format)",
+    "dog/random.png": "not an image (unrecognised format)",
+    "dog/page.jpeg": "not an image (unrecognised format)",
+    "dog/doc.png": "not an image (unrecognised format)",
+    "dog/cut.png": "cannot decode image",
+    "dog/corrupt.png": "cannot decode image",
+    "dog/bomb.png": "too many pixels (100000x100000 > 5000)",
     "dog/notes.txt": "not an image extension (.txt)",
     "dog/tiny.png": "too small (5x30 < 8 px)",
     "dog/huge.png": "too many pixels (80x80 > 5000)",
@@ -162,12 +195,12 @@ EXPECTED_REJECTED = {
 def ingested(image_tree, tmp_path) -> Path:
     params = _folder_params(image_tree, classes=["dog", "cat"], min_image_size=8, max_image_pixels=5000)
     summary = download(params, tmp_path / "raw")  # the whole stage, MLflow run included
-    assert (summary.kept, summary.rejected, summary.classes) == (7, 7, ["dog", "cat"])
+    assert (summary.kept, summary.rejected, summary.classes) == (7, len(EXPECTED_REJECTED), ["dog", "cat"])
     return tmp_path / "raw"
 
 
 def test_folder_every_bad_file_is_rejected_with_its_reason(ingested):
-    rejected = {r["path"]: r["reason"] for r in read_csv(ingested / "rejected.csv")}
+    rejected = {r["path"]: r["reason"] for r in read_csv(ingested / "quarantine.csv")}
     assert set(rejected) == set(EXPECTED_REJECTED)
     for path, reason in EXPECTED_REJECTED.items():
         assert reason in rejected[path], (path, rejected[path])
@@ -225,7 +258,7 @@ def test_folder_pixel_conversions(ingested):
 def test_folder_without_class_filter_keeps_every_class(image_tree, tmp_path):
     summary = ingest(folder_candidates(image_tree), _folder_params(image_tree), tmp_path / "raw")
     assert summary.classes == ["bird", "cat", "dog"]  # sorted when data.classes is null
-    rejected = {r["path"] for r in read_csv(tmp_path / "raw" / "rejected.csv")}
+    rejected = {r["path"] for r in read_csv(tmp_path / "raw" / "quarantine.csv")}
     assert rejected == set(EXPECTED_REJECTED) - {"bird/robin.png", "dog/huge.png"}
 
 
@@ -292,3 +325,117 @@ def test_unusable_folder_path_is_a_pipeline_error(tmp_path, layout, hint):
     with pytest.raises(PipelineError, match=hint):
         download(params, tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
+
+
+# ------------------------------------------------------ quarantine threshold
+
+
+def test_too_many_rejects_fail_the_stage_with_reasons_and_write_nothing(image_tree, tmp_path):
+    params = _folder_params(image_tree, min_image_size=8, max_image_pixels=5000, max_rejected_fraction=0.2)
+    with pytest.raises(PipelineError) as err:
+        download(params, tmp_path / "raw")
+    message = str(err.value)
+    assert "more than data.max_rejected_fraction=0.2" in message
+    assert "4 x not an image" in message and "dog/cut.png" in message and str(tmp_path) not in message
+    assert not (tmp_path / "raw").exists()
+
+
+# ------------------------------------------------- folder with its own splits
+
+
+def kermany_tree(root: Path, per_split: dict[str, int]) -> Path:
+    """chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/personN_virus_M.jpeg"""
+    for split, n in per_split.items():
+        for label in ("NORMAL", "PNEUMONIA"):
+            for i in range(n):
+                name = f"person{i}_{'virus' if label == 'PNEUMONIA' else 'normal'}_{i + 100}.jpeg"
+                _save(root / split / label / name, _noise(20, 20, seed=i + 7 * n), "JPEG")
+    return root
+
+
+def test_folder_with_split_subfolders_keeps_each_images_split(tmp_path):
+    root = kermany_tree(tmp_path / "chest_xray", {"train": 4, "val": 2, "test": 3})
+    download(_folder_params(root), tmp_path / "raw")
+    rows = read_csv(tmp_path / "raw" / "manifest.csv")
+    assert read_json(tmp_path / "raw" / "classes.json") == ["NORMAL", "PNEUMONIA"]
+    by_split = {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
+    assert by_split == {"train": 8, "val": 4, "test": 6}
+    assert all(r["source"].startswith(f"{r['split']}/{r['label']}/") for r in rows)
+    assert len({r["path"] for r in rows}) == len(rows)  # same file name in two splits: two outputs
+
+
+def test_folder_mixing_split_and_class_folders_is_an_error(tmp_path):
+    root = kermany_tree(tmp_path / "mixed", {"train": 1})
+    _save(root / "NORMAL" / "x.png", _noise(20, 20), "PNG")
+    with pytest.raises(PipelineError, match="mixes split folders"):
+        download(_folder_params(root), tmp_path / "raw")
+
+
+# ----------------------------------------------------------------- csv source
+
+
+def ham_fixture(tmp_path: Path) -> tuple[Path, Path]:
+    """HAM10000-style: images/ISIC_000000N.jpg and a metadata CSV with image_id, dx, lesion_id."""
+    images = tmp_path / "images"
+    rows = ["lesion_id,image_id,dx,dx_type"]
+    for i in range(12):
+        dx = ("nv", "mel", "bkl")[i % 3]
+        _save(images / f"ISIC_{i:07d}.jpg", _noise(24, 24, seed=i), "JPEG")
+        rows.append(f"HAM_{i // 2:07d},ISIC_{i:07d},{dx},histo")
+    rows.append("HAM_9999999,ISIC_missing,nv,histo")  # listed, but no file
+    rows.append("HAM_9999998,../outside,nv,histo")  # climbs out of the image folder
+    rows.append("HAM_9999997,ISIC_0000000,,histo")  # no label
+    table = tmp_path / "HAM10000_metadata.csv"
+    table.write_text("\n".join(rows) + "\n")
+    (tmp_path / "outside.jpg").write_bytes((images / "ISIC_0000001.jpg").read_bytes())
+    return images, table
+
+
+def _csv_params(images: Path, table: Path, **kw) -> DataParams:
+    csv = CsvParams(images=str(images), file=str(table), extension=".jpg", group_column="lesion_id", **kw)
+    return DataParams(source="csv", csv=csv, max_rejected_fraction=0.5)
+
+
+def test_csv_source_reads_labels_and_groups_and_quarantines_bad_rows(tmp_path):
+    images, table = ham_fixture(tmp_path)
+    summary = download(_csv_params(images, table), tmp_path / "raw")
+    rows = read_csv(tmp_path / "raw" / "manifest.csv")
+    assert summary.classes == ["bkl", "mel", "nv"]
+    assert len(rows) == 12
+    by_source = {r["source"]: r for r in rows}
+    assert by_source["ISIC_0000004.jpg"]["label"] == "mel"
+    assert by_source["ISIC_0000004.jpg"]["group"] == "HAM_0000002"
+    assert all(r["split"] == "" for r in rows)
+    quarantined = {r["path"]: r["reason"] for r in read_csv(tmp_path / "raw" / "quarantine.csv")}
+    assert quarantined == {
+        "ISIC_missing.jpg": "listed in the CSV but no such file",
+        "../outside.jpg": "path outside data.csv.images: ../outside.jpg",
+        "ISIC_0000000.jpg": "empty label",
+    }
+
+
+def test_csv_split_column_is_carried(tmp_path):
+    images, table = ham_fixture(tmp_path)
+    lines = table.read_text().splitlines()
+    split_of = ["train", "val", "test"]
+    lines = [lines[0] + ",split"] + [f"{line},{split_of[i % 3]}" for i, line in enumerate(lines[1:])]
+    table.write_text("\n".join(lines) + "\n")
+    download(_csv_params(images, table, split_column="split"), tmp_path / "raw")
+    rows = read_csv(tmp_path / "raw" / "manifest.csv")
+    assert {r["split"] for r in rows} == {"train", "val", "test"}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"label_column": "diagnosis"}, "data.csv.label_column: column 'diagnosis' not in"),
+        ({"group_column": "patient"}, "data.csv.group_column: column 'patient' not in"),
+    ],
+)
+def test_csv_missing_column_names_the_key_and_the_columns(tmp_path, override, message):
+    images, table = ham_fixture(tmp_path)
+    params = _csv_params(images, table)
+    params = params.model_copy(update={"csv": params.csv.model_copy(update=override)})
+    with pytest.raises(PipelineError, match=message) as err:
+        download(params, tmp_path / "raw")
+    assert "lesion_id, image_id, dx, dx_type" in str(err.value)

@@ -8,9 +8,14 @@ with a reason, and writes the survivors as RGB PNGs plus ``manifest.csv``,
 
 from __future__ import annotations
 
+import csv
 import io
 import math
+import re
+import tempfile
+import urllib.parse
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,12 +26,13 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps
 from tqdm import tqdm
 
 from tlpipe import tracking
-from tlpipe.candidates import Candidate
-from tlpipe.config import DataParams, DemoParams, section_dict
+from tlpipe.candidates import SPLIT_NAMES, Candidate
+from tlpipe.config import CsvParams, DataParams, DemoParams, MedmnistParams, UrlParams, section_dict
 from tlpipe.errors import PipelineError
 from tlpipe.manifest import MANIFEST_FIELDS, atomic_dir, sha256_bytes, write_csv, write_json
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+QUARANTINE = "quarantine.csv"  # every rejected input with its reason
 DEMO_CLASSES = ("circle", "square", "triangle", "cross")
 
 
@@ -122,30 +128,154 @@ def demo_candidates(params: DemoParams) -> Iterator[Candidate]:
 # -------------------------------------------------------------- folder source
 
 
-def folder_candidates(root: Path) -> Iterator[Candidate]:
-    """One subfolder per class; files anywhere below it belong to that class.
+SPLIT_FOLDER_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
-    The folder is checked at once (not on first iteration), so a wrong path fails
-    before the stage starts a run or writes anything.
+
+def _subfolders(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def folder_candidates(root: Path, key: str = "data.folder.path") -> Iterator[Candidate]:
+    """One subfolder per class, or train/val/test folders of class subfolders.
+
+    In the second layout (Kermany's ``chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}``)
+    each image carries its split, which the split stage keeps. The folder is checked
+    at once (not on first iteration), so a wrong path fails before anything is written.
     """
     root = Path(root)
     if not root.is_dir():
-        raise PipelineError(f"data.folder.path: {root} is not a folder (expected one subfolder per class)")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
-        raise PipelineError(f"data.folder.path: {root} has no class subfolders")
-    return _folder_files(root, class_dirs)
+        raise PipelineError(f"{key}: {root} is not a folder (expected one subfolder per class)")
+    top = _subfolders(root)
+    if not top:
+        raise PipelineError(f"{key}: {root} has no class subfolders")
+    splits = {p.name.lower(): p for p in top if p.name.lower() in SPLIT_FOLDER_NAMES}
+    if splits and len(splits) == len(top):
+        return _split_folder_files(root, [(SPLIT_FOLDER_NAMES[n], p) for n, p in sorted(splits.items())])
+    if splits:
+        raise PipelineError(
+            f"{key}: {root} mixes split folders ({', '.join(sorted(splits))}) with other folders "
+            f"({', '.join(p.name for p in top if p.name.lower() not in splits)}); use one layout"
+        )
+    return _folder_files(root, top, split="")
 
 
-def _folder_files(root: Path, class_dirs: list[Path]) -> Iterator[Candidate]:
+def _split_folder_files(root: Path, split_dirs: list[tuple[str, Path]]) -> Iterator[Candidate]:
+    for split, split_dir in split_dirs:
+        yield from _folder_files(root, _subfolders(split_dir), split)
+
+
+def _folder_files(root: Path, class_dirs: list[Path], split: str) -> Iterator[Candidate]:
     for class_dir in class_dirs:
         for path in sorted(class_dir.rglob("*")):
             if path.is_file() and not path.name.startswith("."):
                 yield Candidate(
                     source=path.relative_to(root).as_posix(),
                     label=class_dir.name,
-                    open=lambda path=path: Image.open(path),
+                    open=lambda path=path: open_image_file(path),
+                    split=split,
                 )
+
+
+# ----------------------------------------------------------------- csv source
+
+
+def csv_candidates(params: CsvParams) -> Iterator[Candidate]:
+    """An image folder plus a CSV of labels, with configurable column names."""
+    images, table = Path(params.images), Path(params.file)
+    if not images.is_dir():
+        raise PipelineError(f"data.csv.images: {images} is not a folder")
+    if not table.is_file():
+        raise PipelineError(f"data.csv.file: {table} not found")
+    with open(table, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        columns = reader.fieldnames or []
+    wanted = {
+        "path_column": params.path_column,
+        "label_column": params.label_column,
+        "group_column": params.group_column,
+        "split_column": params.split_column,
+    }
+    for key, column in wanted.items():
+        if column is not None and column not in columns:
+            raise PipelineError(
+                f"data.csv.{key}: column {column!r} not in {table} (columns: {', '.join(columns)})"
+            )
+    return (_csv_candidate(images, row, params) for row in rows)
+
+
+def _csv_candidate(images: Path, row: dict[str, str], params: CsvParams) -> Candidate:
+    rel = (row[params.path_column] or "").strip() + params.extension
+    split = (row[params.split_column] or "").strip().lower() if params.split_column else ""
+    return Candidate(
+        source=rel,
+        label=(row[params.label_column] or "").strip(),
+        open=lambda: _open_inside(images, rel),
+        split=SPLIT_FOLDER_NAMES.get(split, split),
+        group=(row[params.group_column] or "").strip() if params.group_column else "",
+    )
+
+
+def _open_inside(root: Path, rel: str) -> Image.Image:
+    """Open ``root/rel``, refusing paths that climb out of ``root``."""
+    path = (root / rel).resolve()
+    if Path(rel).is_absolute() or not path.is_relative_to(root.resolve()):
+        raise Rejected(f"path outside data.csv.images: {rel}")
+    if not path.is_file():
+        raise Rejected("listed in the CSV but no such file")
+    return open_image_file(path)
+
+
+def open_image_file(path: Path) -> Image.Image:
+    """Open a file as an image, turning the usual failures into specific reasons."""
+    try:
+        if path.stat().st_size == 0:
+            raise Rejected("empty file (0 bytes)")
+        return Image.open(path)
+    except PermissionError:
+        raise Rejected("unreadable file (permission denied)") from None
+    except Image.UnidentifiedImageError:
+        raise Rejected("not an image (unrecognised format)") from None
+
+
+# ------------------------------------------------------- medmnist and url sources
+
+
+def medmnist_source(params: MedmnistParams) -> Iterator[Candidate]:
+    from tlpipe.medmnist import medmnist_candidates
+
+    with tempfile.TemporaryDirectory(prefix="tlpipe-download-") as workdir:
+        yield from medmnist_candidates(params, Path(workdir))
+
+
+def url_source(params: UrlParams) -> Iterator[Candidate]:
+    """An archive of a folder dataset: fetched, hash-checked, unpacked safely, read as a folder."""
+    from tlpipe.archives import extract_archive, fetch
+
+    with tempfile.TemporaryDirectory(prefix="tlpipe-download-") as workdir:
+        name = Path(urllib.parse.urlparse(params.url).path).name or "archive"
+        archive = fetch(params.url, Path(workdir) / name, sha256=params.sha256)
+        root = extract_archive(
+            archive,
+            Path(workdir) / "extracted",
+            max_bytes=params.max_extracted_bytes,
+            max_members=params.max_members,
+        )
+        yield from folder_candidates(_dataset_root(root, params.subdir), key="data.url.subdir")
+
+
+def _dataset_root(extracted: Path, subdir: str | None) -> Path:
+    if subdir:
+        return extracted / subdir
+    # archives usually wrap everything in one top folder (chest_xray/...): step into it
+    entries = [p for p in extracted.iterdir() if not p.name.startswith(".")]
+    if len(entries) == 1 and entries[0].is_dir() and len(_subfolders(entries[0])) > 0:
+        only = entries[0]
+        if only.name.lower() not in SPLIT_FOLDER_NAMES and all(
+            p.is_dir() for p in only.iterdir() if not p.name.startswith(".")
+        ):
+            return only
+    return extracted
 
 
 # ----------------------------------------------------------------- ingestion
@@ -176,7 +306,8 @@ def decode_rgb(candidate: Candidate, min_size: int, max_pixels: int) -> Image.Im
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise Rejected(f"too many pixels ({err})") from None
     except OSError as err:
-        raise Rejected(f"cannot decode image: {err}") from None
+        # Pillow quotes the file's full path; the quarantine lists the path already
+        raise Rejected("cannot decode image: " + re.sub(r" '[^']*'", "", str(err))) from None
     except Exception as err:  # noqa: BLE001 - a broken file must never crash the stage
         raise Rejected(f"cannot decode image: {type(err).__name__}: {err}") from None
     if min(img.size) < min_size:
@@ -225,9 +356,27 @@ def _output_name(candidate: Candidate, taken: set[str]) -> str:
 
 
 def candidates_for(params: DataParams) -> Iterator[Candidate]:
-    if params.source == "demo":
-        return demo_candidates(params.demo)
-    return folder_candidates(Path(params.folder.path))
+    readers = {
+        "demo": lambda: demo_candidates(params.demo),
+        "folder": lambda: folder_candidates(Path(params.folder.path)),
+        "csv": lambda: csv_candidates(params.csv),
+        "medmnist": lambda: medmnist_source(params.medmnist),
+        "url": lambda: url_source(params.url),
+    }
+    return readers[params.source]()
+
+
+def check_rejected_share(kept: int, rejected: list[dict], limit: float) -> None:
+    """Fail when too much of the input was unusable: that is a wrong path or format, not noise."""
+    total = kept + len(rejected)
+    if total and len(rejected) / total > limit:
+        reasons = Counter(r["reason"].split(":")[0].split(" (")[0] for r in rejected)
+        common = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(5))
+        first = "; ".join(f"{r['path']}: {r['reason']}" for r in rejected[:3])
+        raise PipelineError(
+            f"download: rejected {len(rejected)} of {total} files ({len(rejected) / total:.0%}), "
+            f"more than data.max_rejected_fraction={limit}. Reasons: {common}. First: {first}"
+        )
 
 
 def ingest(candidates: Iterator[Candidate], params: DataParams, out_dir: Path) -> IngestSummary:
@@ -239,6 +388,10 @@ def ingest(candidates: Iterator[Candidate], params: DataParams, out_dir: Path) -
     with atomic_dir(Path(out_dir)) as scratch:
         for cand in tqdm(candidates, desc="download", unit="img", mininterval=2.0):
             try:
+                if cand.split not in ("", *SPLIT_NAMES):
+                    raise Rejected(f"unknown split {cand.split!r} (allowed: {', '.join(SPLIT_NAMES)})")
+                if not cand.label:
+                    raise Rejected("empty label")
                 if allowed is not None and cand.label not in allowed:
                     raise Rejected(f"label {cand.label!r} not in data.classes")
                 img = decode_rgb(cand, params.min_image_size, params.max_image_pixels)
@@ -257,8 +410,11 @@ def ingest(candidates: Iterator[Candidate], params: DataParams, out_dir: Path) -
                     "width": img.size[0],
                     "height": img.size[1],
                     "source": cand.source,
+                    "split": cand.split,
+                    "group": cand.group,
                 }
             )
+        check_rejected_share(len(kept), rejected, params.max_rejected_fraction)
         classes = list(params.classes) if params.classes else sorted({r["label"] for r in kept})
         if not kept:
             raise PipelineError(f"download: no usable images (rejected {len(rejected)})")
@@ -268,8 +424,8 @@ def ingest(candidates: Iterator[Candidate], params: DataParams, out_dir: Path) -
                 f"download: no usable images for {missing}, listed in data.classes; "
                 "add images of them or remove them from data.classes"
             )
-        write_csv(scratch / "manifest.csv", kept, (*MANIFEST_FIELDS, "source"))
-        write_csv(scratch / "rejected.csv", rejected, ("path", "reason"))
+        write_csv(scratch / "manifest.csv", kept, (*MANIFEST_FIELDS, "source", "split", "group"))
+        write_csv(scratch / QUARANTINE, rejected, ("path", "reason"))
         write_json(scratch / "classes.json", classes)
     return IngestSummary(kept=len(kept), rejected=len(rejected), classes=classes)
 
@@ -281,6 +437,6 @@ def download(params: DataParams, out_dir: Path) -> IngestSummary:
         tracking.log_metrics(
             {"kept": summary.kept, "rejected": summary.rejected, "classes": len(summary.classes)}
         )
-        tracking.log_artifact(str(Path(out_dir) / "rejected.csv"))
+        tracking.log_artifact(str(Path(out_dir) / QUARANTINE))
     print(summary.line())
     return summary
