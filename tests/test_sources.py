@@ -13,6 +13,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.neighbors import NearestCentroid
 
+from source_fixtures import ham_fixture, kermany_tree
 from tlpipe.config import CsvParams, DataParams, DemoParams, FolderParams
 from tlpipe.errors import PipelineError
 from tlpipe.manifest import MANIFEST_FIELDS, read_csv, read_json
@@ -343,16 +344,6 @@ def test_too_many_rejects_fail_the_stage_with_reasons_and_write_nothing(image_tr
 # ------------------------------------------------- folder with its own splits
 
 
-def kermany_tree(root: Path, per_split: dict[str, int]) -> Path:
-    """chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/personN_virus_M.jpeg"""
-    for split, n in per_split.items():
-        for label in ("NORMAL", "PNEUMONIA"):
-            for i in range(n):
-                name = f"person{i}_{'virus' if label == 'PNEUMONIA' else 'normal'}_{i + 100}.jpeg"
-                _save(root / split / label / name, _noise(20, 20, seed=i + 7 * n), "JPEG")
-    return root
-
-
 def test_folder_with_split_subfolders_keeps_each_images_split(tmp_path):
     root = kermany_tree(tmp_path / "chest_xray", {"train": 4, "val": 2, "test": 3})
     download(_folder_params(root), tmp_path / "raw")
@@ -374,19 +365,12 @@ def test_folder_mixing_split_and_class_folders_is_an_error(tmp_path):
 # ----------------------------------------------------------------- csv source
 
 
-def ham_fixture(tmp_path: Path) -> tuple[Path, Path]:
-    """HAM10000-style: images/ISIC_000000N.jpg and a metadata CSV with image_id, dx, lesion_id."""
-    images = tmp_path / "images"
-    rows = ["lesion_id,image_id,dx,dx_type"]
-    for i in range(12):
-        dx = ("nv", "mel", "bkl")[i % 3]
-        _save(images / f"ISIC_{i:07d}.jpg", _noise(24, 24, seed=i), "JPEG")
-        rows.append(f"HAM_{i // 2:07d},ISIC_{i:07d},{dx},histo")
-    rows.append("HAM_9999999,ISIC_missing,nv,histo")  # listed, but no file
-    rows.append("HAM_9999998,../outside,nv,histo")  # climbs out of the image folder
-    rows.append("HAM_9999997,ISIC_0000000,,histo")  # no label
-    table = tmp_path / "HAM10000_metadata.csv"
-    table.write_text("\n".join(rows) + "\n")
+def ham_with_bad_rows(tmp_path: Path) -> tuple[Path, Path]:
+    images, table = ham_fixture(tmp_path)
+    with open(table, "a") as fh:
+        fh.write("HAM_9999999,ISIC_missing,nv,histo\n")  # listed, but no file
+        fh.write("HAM_9999998,../outside,nv,histo\n")  # climbs out of the image folder
+        fh.write("HAM_9999997,ISIC_0000000,,histo\n")  # no label
     (tmp_path / "outside.jpg").write_bytes((images / "ISIC_0000001.jpg").read_bytes())
     return images, table
 
@@ -397,7 +381,7 @@ def _csv_params(images: Path, table: Path, **kw) -> DataParams:
 
 
 def test_csv_source_reads_labels_and_groups_and_quarantines_bad_rows(tmp_path):
-    images, table = ham_fixture(tmp_path)
+    images, table = ham_with_bad_rows(tmp_path)
     summary = download(_csv_params(images, table), tmp_path / "raw")
     rows = read_csv(tmp_path / "raw" / "manifest.csv")
     assert summary.classes == ["bkl", "mel", "nv"]
