@@ -1,4 +1,4 @@
-"""DVC stage `split`: stratified train/val/test manifests."""
+"""DVC stage `split`: leak-free stratified train/val/test manifests and a summary (DVC metrics)."""
 
 import sys
 
@@ -6,4 +6,10 @@ from tlpipe.cli import stage_main
 from tlpipe.splitting import split_dataset
 
 if __name__ == "__main__":
-    sys.exit(stage_main("split", ["raw", "out"], lambda p, a: split_dataset(a.raw, p.split, a.out)))
+    sys.exit(
+        stage_main(
+            "split",
+            ["raw", "out", "summary"],
+            lambda p, a: split_dataset(a.raw, p.split, a.out, a.summary),
+        )
+    )
