@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import struct
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +100,60 @@ def tar_folder(folder: Path, archive: Path, prefix: str = "") -> Path:
 
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims a huge image: a decompression bomb's calling card."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(bytes(64))  # a few hundred bytes on disk, 30 GB once decoded
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def write_bad_files(root: Path) -> None:
+    """One file of each kind the download stage must quarantine, under root/dog and root/bird.
+
+    Meant for a run with data.classes [cat, dog] (or [dog, cat]), min_image_size 8 and
+    max_image_pixels 5000; BAD_FILES maps each to its reason.
+    """
+    (root / "dog" / "empty.png").write_bytes(b"")
+    buf = io.BytesIO()
+    noise(48, 48, seed=1).save(buf, "JPEG")
+    (root / "dog" / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (root / "dog" / "fake.jpg").write_text("this is not a jpeg\n")
+    (root / "dog" / "notes.txt").write_text("a note\n")
+    save(root / "dog" / "tiny.png", noise(5, 30), "PNG")
+    save(root / "dog" / "huge.png", noise(80, 80), "PNG")
+    save(root / "bird" / "robin.png", noise(20, 20), "PNG")
+    (root / "dog" / "random.png").write_bytes(np.random.default_rng(3).bytes(500))
+    (root / "dog" / "page.jpeg").write_text("<html><body>404 not found</body></html>\n")
+    (root / "dog" / "doc.png").write_bytes(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj<<>>endobj\n")
+    png = io.BytesIO()
+    noise(30, 30, seed=4).save(png, "PNG")
+    (root / "dog" / "cut.png").write_bytes(png.getvalue()[: len(png.getvalue()) // 2])
+    corrupt = bytearray(png.getvalue())
+    idat = corrupt.index(b"IDAT") + 8
+    corrupt[idat : idat + 40] = bytes(40)  # zeroed compressed data: the stream no longer inflates
+    (root / "dog" / "corrupt.png").write_bytes(bytes(corrupt))
+    (root / "dog" / "bomb.png").write_bytes(png_header_only(100_000, 100_000))
+
+
+# one entry per kind of bad file: 13 kinds
+BAD_FILES = {
+    "dog/empty.png": "empty file (0 bytes)",
+    "dog/truncated.jpg": "truncated",
+    "dog/fake.jpg": "not an image (unrecognised format)",
+    "dog/random.png": "not an image (unrecognised format)",
+    "dog/page.jpeg": "not an image (unrecognised format)",
+    "dog/doc.png": "not an image (unrecognised format)",
+    "dog/cut.png": "cannot decode image",
+    "dog/corrupt.png": "cannot decode image",
+    "dog/bomb.png": "too many pixels (100000x100000 > 5000)",
+    "dog/notes.txt": "not an image extension (.txt)",
+    "dog/tiny.png": "too small (5x30 < 8 px)",
+    "dog/huge.png": "too many pixels (80x80 > 5000)",
+    "bird/robin.png": "label 'bird' not in data.classes",
+}

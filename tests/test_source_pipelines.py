@@ -19,12 +19,14 @@ import pytest
 import yaml
 
 from source_fixtures import (
+    BAD_FILES,
     class_folders,
     ham_fixture,
     kermany_tree,
     medmnist_npz,
     sha256_of,
     tar_folder,
+    write_bad_files,
     zip_folder,
 )
 from tlpipe.manifest import read_csv
@@ -96,6 +98,20 @@ def test_folder_source(repo, tmp_path):
     metrics = run_pipeline(repo, {"source": "folder", "folder": {"path": str(root)}})
     assert set(metrics["per_class"]) == {"cat", "dog"}
     assert sum(split_counts(repo).values()) == 24
+
+
+def test_bad_file_corpus_is_quarantined_and_the_pipeline_completes(repo, tmp_path):
+    root = class_folders(tmp_path / "pets", per_class=12)
+    write_bad_files(root)
+    data = {"source": "folder", "folder": {"path": str(root)}, "classes": ["cat", "dog"],
+            "max_image_pixels": 5000, "max_rejected_fraction": 0.5}  # fmt: skip
+    run_pipeline(repo, data)
+    quarantined = {r["path"]: r["reason"] for r in read_csv(repo / "data/raw/quarantine.csv")}
+    assert set(quarantined) == set(BAD_FILES)
+    for path, reason in BAD_FILES.items():
+        assert reason in quarantined[path], (path, quarantined[path])
+    kept = read_csv(repo / "data/raw/manifest.csv")
+    assert len(kept) == 24 and {r["label"] for r in kept} == {"cat", "dog"}
 
 
 def test_folder_source_with_its_own_splits(repo, tmp_path):

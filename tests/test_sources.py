@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.neighbors import NearestCentroid
 
-from source_fixtures import ham_fixture, kermany_tree
+from source_fixtures import BAD_FILES, ham_fixture, kermany_tree, noise, save, write_bad_files
 from tlpipe.config import CsvParams, DataParams, DemoParams, FolderParams
 from tlpipe.errors import PipelineError
 from tlpipe.manifest import MANIFEST_FIELDS, read_csv, read_json
@@ -136,60 +135,12 @@ def image_tree(tmp_path) -> Path:
     exif = Image.Exif()
     exif[0x0112] = 6  # display = stored rotated 90 degrees clockwise
     _save(root / "dog" / "rotated.jpg", rotated, "JPEG", exif=exif.tobytes(), quality=95)
-    # the bad ones
-    (root / "dog" / "empty.png").write_bytes(b"")
-    buf = io.BytesIO()
-    _noise(48, 48, seed=1).save(buf, "JPEG")
-    (root / "dog" / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-    (root / "dog" / "fake.jpg").write_text("this is not a jpeg\n")
-    (root / "dog" / "notes.txt").write_text("a note\n")
-    _save(root / "dog" / "tiny.png", _noise(5, 30), "PNG")
-    _save(root / "dog" / "huge.png", _noise(80, 80), "PNG")
-    _save(root / "bird" / "robin.png", _noise(20, 20), "PNG")
-    (root / "dog" / "random.png").write_bytes(np.random.default_rng(3).bytes(500))
-    (root / "dog" / "page.jpeg").write_text("<html><body>404 not found</body></html>\n")
-    (root / "dog" / "doc.png").write_bytes(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj<<>>endobj\n")
-    png = io.BytesIO()
-    _noise(30, 30, seed=4).save(png, "PNG")
-    (root / "dog" / "cut.png").write_bytes(png.getvalue()[: len(png.getvalue()) // 2])
-    corrupt = bytearray(png.getvalue())
-    idat = corrupt.index(b"IDAT") + 8
-    corrupt[idat : idat + 40] = bytes(40)  # zeroed compressed data: the stream no longer inflates
-    (root / "dog" / "corrupt.png").write_bytes(bytes(corrupt))
-    (root / "dog" / "bomb.png").write_bytes(_png_header_only(100_000, 100_000))
+    write_bad_files(root)
     (root / "dog" / ".DS_Store").write_bytes(b"\x00\x01")  # hidden: skipped, not even rejected
     return root
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims a huge image: a decompression bomb's calling card."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(bytes(64))  # a few hundred bytes on disk, 30 GB once decoded
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-# one entry per kind of bad file: 13 kinds
-EXPECTED_REJECTED = {
-    "dog/empty.png": "empty file (0 bytes)",
-    "dog/truncated.jpg": "truncated",
-    "dog/fake.jpg": "not an image (unrecognised format)",
-    "dog/random.png": "not an image (unrecognised format)",
-    "dog/page.jpeg": "not an image (unrecognised format)",
-    "dog/doc.png": "not an image (unrecognised format)",
-    "dog/cut.png": "cannot decode image",
-    "dog/corrupt.png": "cannot decode image",
-    "dog/bomb.png": "too many pixels (100000x100000 > 5000)",
-    "dog/notes.txt": "not an image extension (.txt)",
-    "dog/tiny.png": "too small (5x30 < 8 px)",
-    "dog/huge.png": "too many pixels (80x80 > 5000)",
-    "bird/robin.png": "label 'bird' not in data.classes",
-}
+EXPECTED_REJECTED = BAD_FILES
 
 
 @pytest.fixture
@@ -423,3 +374,23 @@ def test_csv_missing_column_names_the_key_and_the_columns(tmp_path, override, me
     with pytest.raises(PipelineError, match=message) as err:
         download(params, tmp_path / "raw")
     assert "lesion_id, image_id, dx, dx_type" in str(err.value)
+
+
+def test_unreadable_file_is_quarantined_not_fatal(tmp_path, monkeypatch):
+    root = tmp_path / "photos"
+    for name in ("a.png", "locked.png"):
+        save(root / "cat" / name, noise(20, 20), "PNG")
+        save(root / "dog" / name, noise(20, 20, seed=1), "PNG")
+    real_open = Image.open
+
+    def open_(fp, *args, **kwargs):
+        if Path(fp).name == "locked.png" and Path(fp).parent.name == "dog":
+            raise PermissionError(13, "Permission denied")  # root reads anything: simulate chmod 000
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", open_)
+    summary = download(_folder_params(root), tmp_path / "raw")
+    assert summary.kept == 3
+    assert read_csv(tmp_path / "raw" / "quarantine.csv") == [
+        {"path": "dog/locked.png", "reason": "unreadable file (permission denied)"}
+    ]
