@@ -105,36 +105,26 @@ def test_demo_is_not_separable_by_colour_or_thumbnails():
 # -------------------------------------------------------------- folder source
 
 
-def _save(path: Path, img: Image.Image, fmt: str, **kw) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, fmt, **kw)
-
-
-def _noise(w: int, h: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
 @pytest.fixture
 def image_tree(tmp_path) -> Path:
     """Good images in many modes, and every kind of bad file, under cat/ dog/ and bird/."""
     root = tmp_path / "photos"
-    _save(root / "cat" / "rgb.jpg", _noise(40, 30), "JPEG")
-    _save(root / "cat" / "gray.png", Image.new("L", (20, 16), 77), "PNG")
+    save(root / "cat" / "rgb.jpg", noise(40, 30), "JPEG")
+    save(root / "cat" / "gray.png", Image.new("L", (20, 16), 77), "PNG")
     rgba = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
     rgba.paste((10, 200, 30, 255), (0, 0, 10, 20))  # left half opaque green, right half transparent
-    _save(root / "cat" / "rgba.png", rgba, "PNG")
+    save(root / "cat" / "rgba.png", rgba, "PNG")
     palette = Image.new("P", (16, 16), 1)
     palette.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
-    _save(root / "cat" / "nested" / "palette.png", palette, "PNG")
+    save(root / "cat" / "nested" / "palette.png", palette, "PNG")
     deep = Image.fromarray(np.arange(32 * 16, dtype=np.uint16).reshape(16, 32) * 120)  # mode I;16
-    _save(root / "cat" / "deep16.png", deep, "PNG")
-    _save(root / "dog" / "cmyk.jpg", Image.new("CMYK", (24, 24), (0, 255, 255, 0)), "JPEG")
+    save(root / "cat" / "deep16.png", deep, "PNG")
+    save(root / "dog" / "cmyk.jpg", Image.new("CMYK", (24, 24), (0, 255, 255, 0)), "JPEG")
     rotated = Image.new("RGB", (40, 20), (0, 0, 255))
     rotated.paste((255, 0, 0), (0, 0, 20, 20))  # stored: red left, blue right
     exif = Image.Exif()
     exif[0x0112] = 6  # display = stored rotated 90 degrees clockwise
-    _save(root / "dog" / "rotated.jpg", rotated, "JPEG", exif=exif.tobytes(), quality=95)
+    save(root / "dog" / "rotated.jpg", rotated, "JPEG", exif=exif.tobytes(), quality=95)
     write_bad_files(root)
     (root / "dog" / ".DS_Store").write_bytes(b"\x00\x01")  # hidden: skipped, not even rejected
     return root
@@ -226,9 +216,9 @@ def test_pillow_pixel_limit_does_not_override_max_image_pixels(image_tree, tmp_p
 
 def test_folder_output_names_never_collide(tmp_path):
     root = tmp_path / "photos"
-    _save(root / "a" / "x" / "y.png", _noise(10, 10, seed=1), "PNG")
-    _save(root / "a" / "x__y.png", _noise(10, 10, seed=2), "PNG")
-    _save(root / "b" / "z.png", _noise(10, 10, seed=3), "PNG")
+    save(root / "a" / "x" / "y.png", noise(10, 10, seed=1), "PNG")
+    save(root / "a" / "x__y.png", noise(10, 10, seed=2), "PNG")
+    save(root / "b" / "z.png", noise(10, 10, seed=3), "PNG")
     ingest(folder_candidates(root), _folder_params(root), tmp_path / "raw")
     rows = read_csv(tmp_path / "raw" / "manifest.csv")
     assert len({r["path"] for r in rows}) == 3
@@ -265,7 +255,7 @@ def test_unusable_folder_path_is_a_pipeline_error(tmp_path, layout, hint):
     root = tmp_path / "photos"
     if layout == "files-only":
         root.mkdir()
-        _save(root / "loose.png", _noise(10, 10), "PNG")
+        save(root / "loose.png", noise(10, 10), "PNG")
         (root / ".hidden").mkdir()
     elif layout == "file":
         root.write_text("not a folder")
@@ -308,7 +298,7 @@ def test_folder_with_split_subfolders_keeps_each_images_split(tmp_path):
 
 def test_folder_mixing_split_and_class_folders_is_an_error(tmp_path):
     root = kermany_tree(tmp_path / "mixed", {"train": 1})
-    _save(root / "NORMAL" / "x.png", _noise(20, 20), "PNG")
+    save(root / "NORMAL" / "x.png", noise(20, 20), "PNG")
     with pytest.raises(PipelineError, match="mixes split folders"):
         download(_folder_params(root), tmp_path / "raw")
 
