@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -347,3 +349,31 @@ def test_saved_model_is_byte_reproducible(tri: Trained, tmp_path: Path) -> None:
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     np.testing.assert_array_equal(reloaded.predict(x, verbose=0), model.predict(x, verbose=0))
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_shared_object_ids_are_renumbered_consistently() -> None:
+    config = {"a": {"shared_object_id": 140187974294480, "x": [{"shared_object_id": 99}]},
+              "b": {"shared_object_id": 140187974294480}}  # fmt: skip
+    assert training.renumber_shared_objects(config) == {
+        "a": {"shared_object_id": 1, "x": [{"shared_object_id": 2}]},
+        "b": {"shared_object_id": 1},
+    }
+
+
+SAVE_A_FRESH_MODEL = """
+import sys
+padding = [bytearray(int(sys.argv[2])) for _ in range(200)]  # moves where later objects land
+import keras
+from tlpipe import training
+keras.utils.set_random_seed(1)
+backbone = training.build_backbone_model("efficientnet_lite0", "none", 32)
+model = training.assemble(backbone, training.build_head(1280, 3, 0.2), 3, 0.2)
+training.save_model_atomically(model, sys.argv[1])
+"""
+
+
+def test_saved_bytes_do_not_depend_on_memory_addresses(tmp_path: Path) -> None:
+    """A freshly built model's config.json names shared objects by id(): their address in memory."""
+    for name, padding in (("a.keras", "10"), ("b.keras", "100000")):
+        subprocess.run([sys.executable, "-c", SAVE_A_FRESH_MODEL, str(tmp_path / name), padding], check=True)
+    assert (tmp_path / "a.keras").read_bytes() == (tmp_path / "b.keras").read_bytes()

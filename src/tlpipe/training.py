@@ -108,10 +108,33 @@ def make_archive_reproducible(path: Path) -> None:
                 metadata = json.loads(data)
                 metadata.pop("date_saved", None)
                 data = json.dumps(metadata).encode()
+            elif info.filename == "config.json":
+                data = json.dumps(renumber_shared_objects(json.loads(data))).encode()
             fixed = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
             fixed.compress_type = info.compress_type
             fixed.external_attr = info.external_attr
             archive.writestr(fixed, data)
+
+
+def renumber_shared_objects(config: object) -> object:
+    """Replace Keras's ``shared_object_id`` values (Python ``id()``s) by 1, 2, 3... in order.
+
+    The ids only link the places one object is shared between, so consistent
+    renumbering keeps their meaning and drops the memory addresses that differ per run.
+    """
+    numbers: dict[object, int] = {}
+
+    def walk(node: object) -> object:
+        if isinstance(node, dict):
+            return {
+                k: numbers.setdefault(v, len(numbers) + 1) if k == "shared_object_id" else walk(v)
+                for k, v in node.items()
+            }
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(config)
 
 
 def best_epoch_metrics(rows: list[dict]) -> dict[str, float]:
