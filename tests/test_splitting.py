@@ -584,7 +584,7 @@ def test_split_summary_reports_groups_duplicates_and_params(tmp_path):
     write_csv(raw / "manifest.csv", rows, list(rows[0]))
     write_json(raw / "classes.json", ["normal", "virus", "bacteria"])
     out, summary_out = tmp_path / "split", tmp_path / "results" / "split" / "summary.json"
-    params = SplitParams(group_pattern=KERMANY, seed=11)
+    params = SplitParams(group_pattern=KERMANY, seed=11, duplicates="keep_one")
     summary = split_dataset(raw, params, out, summary_out)
 
     assert read_json(summary_out) == summary
@@ -639,7 +639,9 @@ def test_split_summary_says_when_source_splits_were_kept(tmp_path):
     raw = tmp_path / "raw"
     write_csv(raw / "manifest.csv", rows, list(rows[0]))
     write_json(raw / "classes.json", ["a", "b"])
-    summary = split_dataset(raw, SplitParams(), tmp_path / "split", tmp_path / "summary.json")
+    summary = split_dataset(
+        raw, SplitParams(duplicates="keep_one"), tmp_path / "split", tmp_path / "summary.json"
+    )
     assert [r["split"] for r in read_csv(tmp_path / "split" / "manifest.csv")] == [r["split"] for r in rows]
     assert summary["source_splits"] == {
         "used": True,

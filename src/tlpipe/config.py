@@ -116,7 +116,7 @@ class SplitParams(_Section):
     group_pattern: str | None = None
     # exact duplicates (same decoded pixels): keep_one drops all copies but one;
     # keep_first_split keeps the copies that sit in the first split holding one (train, val, test)
-    duplicates: Literal["keep_one", "keep_first_split"] = "keep_one"
+    duplicates: Literal["keep_one", "keep_first_split"] = "keep_first_split"
     # when the source brings its own splits: keep them as given, or re-split train+val (test kept)
     source_splits: Literal["keep", "resplit_train_val"] = "keep"
 
