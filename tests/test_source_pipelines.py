@@ -179,3 +179,22 @@ def test_real_pneumoniamnist_keeps_its_official_split(tmp_path):
     sources = {r["path"]: r["source"] for r in read_csv(tmp_path / "raw" / "manifest.csv")}
     assert all(sources[r["path"]].startswith(r["split"] + "/") for r in rows)  # nobody moved
     assert summary["counts"]["test"] == {"normal": 234, "pneumonia": 390}
+
+
+def test_url_archive_with_path_traversal_is_refused_naming_the_url(tmp_path):
+    import zipfile
+
+    from tlpipe.config import DataParams, UrlParams
+    from tlpipe.errors import PipelineError
+    from tlpipe.sources import download
+
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("chest_xray/train/NORMAL/a.png", b"x")
+        zf.writestr("../../etc/evil.png", b"x")
+    params = DataParams(source="url", url=UrlParams(url=archive.as_uri(), sha256=sha256_of(archive)))
+    with pytest.raises(PipelineError) as err:
+        download(params, tmp_path / "raw")
+    assert str(err.value).startswith(f"{archive.as_uri()}: refused member '../../etc/evil.png'")
+    assert "tlpipe-download-" not in str(err.value)
+    assert not (tmp_path / "raw").exists() and not (tmp_path.parent / "etc" / "evil.png").exists()

@@ -255,12 +255,16 @@ def url_source(params: UrlParams) -> Iterator[Candidate]:
     with tempfile.TemporaryDirectory(prefix="tlpipe-download-") as workdir:
         name = Path(urllib.parse.urlparse(params.url).path).name or "archive"
         archive = fetch(params.url, Path(workdir) / name, sha256=params.sha256)
-        root = extract_archive(
-            archive,
-            Path(workdir) / "extracted",
-            max_bytes=params.max_extracted_bytes,
-            max_members=params.max_members,
-        )
+        try:
+            root = extract_archive(
+                archive,
+                Path(workdir) / "extracted",
+                max_bytes=params.max_extracted_bytes,
+                max_members=params.max_members,
+            )
+        except PipelineError as err:
+            # name the archive as the user gave it, not by its temporary copy
+            raise PipelineError(str(err).replace(str(archive), params.url)) from None
         yield from folder_candidates(_dataset_root(root, params.subdir), key="data.url.subdir")
 
 
