@@ -30,6 +30,7 @@ SECTIONS = {
         "vertical_flip",
     ],
     "data": [
+        "channels",
         "classes",
         "csv",
         "demo",

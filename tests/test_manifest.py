@@ -13,7 +13,6 @@ import pytest
 from tlpipe.manifest import (
     MANIFEST_FIELDS,
     atomic_dir,
-    atomic_write_bytes,
     read_csv,
     read_json,
     sha256_bytes,
@@ -152,11 +151,3 @@ def test_atomic_dir_output_is_readable_like_any_new_directory(tmp_path):
     with atomic_dir(tmp_path / "out") as scratch:
         (scratch / "x").write_text("x")
     assert (tmp_path / "out").stat().st_mode & 0o777 == reference.stat().st_mode & 0o777
-
-
-def test_atomic_write_bytes_overwrites_without_leaving_temp(tmp_path):
-    path = tmp_path / "d" / "file.bin"
-    atomic_write_bytes(path, b"one")
-    atomic_write_bytes(path, b"two")
-    assert path.read_bytes() == b"two"
-    assert [p.name for p in path.parent.iterdir()] == ["file.bin"]

@@ -198,3 +198,14 @@ def test_url_archive_with_path_traversal_is_refused_naming_the_url(tmp_path):
     assert str(err.value).startswith(f"{archive.as_uri()}: refused member '../../etc/evil.png'")
     assert "tlpipe-download-" not in str(err.value)
     assert not (tmp_path / "raw").exists() and not (tmp_path.parent / "etc" / "evil.png").exists()
+
+
+def test_grayscale_channels_store_one_channel_and_the_pipeline_completes(repo, tmp_path):
+    from PIL import Image
+
+    root = class_folders(tmp_path / "pets", per_class=12)
+    metrics = run_pipeline(repo, {"source": "folder", "folder": {"path": str(root)}, "channels": "grayscale"})
+    for stage_dir in ("data/raw/images", "data/augmented/train"):
+        modes = {Image.open(p).mode for p in (repo / stage_dir).rglob("*.png")}
+        assert modes == {"L"}, stage_dir
+    assert metrics["n_test"] == 6

@@ -384,3 +384,17 @@ def test_unreadable_file_is_quarantined_not_fatal(tmp_path, monkeypatch):
     assert read_csv(tmp_path / "raw" / "quarantine.csv") == [
         {"path": "dog/locked.png", "reason": "unreadable file (permission denied)"}
     ]
+
+
+def test_grayscale_channels_convert_every_mode_to_one_channel(image_tree, tmp_path):
+    params = _folder_params(image_tree, classes=["dog", "cat"], max_image_pixels=5000, channels="grayscale")
+    download(params, tmp_path / "raw")
+    rows = read_csv(tmp_path / "raw" / "manifest.csv")
+    assert len(rows) == 7
+    for row in rows:
+        with Image.open(tmp_path / "raw" / row["path"]) as img:
+            assert img.mode == "L", row["source"]
+    by_source = {r["source"]: r for r in rows}
+    with Image.open(tmp_path / "raw" / by_source["dog/cmyk.jpg"]["path"]) as img:
+        red = Image.new("RGB", (1, 1), (255, 0, 0)).convert("L").getpixel((0, 0))
+        assert abs(img.getpixel((5, 5)) - red) <= 3  # CMYK red, then luminance

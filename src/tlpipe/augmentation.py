@@ -52,9 +52,10 @@ def train_transform(params: AugmentParams) -> A.Compose:
     )
 
 
-def _load_rgb(path: Path) -> np.ndarray:
+def _load_pixels(path: Path) -> np.ndarray:
+    """RGB as (H, W, 3), grayscale kept as (H, W): the download stage chose the channels."""
     with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
+        return np.asarray(img if img.mode in ("RGB", "L") else img.convert("RGB"))
 
 
 def _write_png(path: Path, pixels: np.ndarray) -> None:
@@ -83,7 +84,7 @@ def _augment(images_dir: Path, split_dir: Path, params: AugmentParams, out_dir: 
     out_rows: list[dict] = []
     with atomic_dir(Path(out_dir)) as scratch:
         for row in tqdm(rows, desc="augment", unit="img", mininterval=2.0):
-            pixels = _load_rgb(Path(images_dir) / row["path"])
+            pixels = _load_pixels(Path(images_dir) / row["path"])
             stem = Path(row["path"]).stem
             variants = [("", resize(image=pixels)["image"])]
             if row["split"] == "train":

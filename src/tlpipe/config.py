@@ -80,6 +80,9 @@ class DataParams(_Section):
     min_image_size: int = Field(8, ge=1)
     max_image_pixels: int = Field(50_000_000, ge=1)
     max_rejected_fraction: float = Field(0.1, ge=0.0, le=1.0)  # above it the stage fails
+    # what every image is converted to; grayscale (X-rays) stores a third of the bytes and the
+    # training input pipeline repeats the one channel for the RGB backbone
+    channels: Literal["rgb", "grayscale"] = "rgb"
     demo: DemoParams = DemoParams()
     folder: FolderParams = FolderParams()
     csv: CsvParams = CsvParams()

@@ -66,11 +66,3 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     finally:
         if scratch.exists():
             shutil.rmtree(scratch)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

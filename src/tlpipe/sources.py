@@ -32,6 +32,7 @@ from tlpipe.errors import PipelineError
 from tlpipe.manifest import MANIFEST_FIELDS, atomic_dir, sha256_bytes, write_csv, write_json
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+PIL_MODES = {"rgb": "RGB", "grayscale": "L"}
 QUARANTINE = "quarantine.csv"  # every rejected input with its reason
 DEMO_CLASSES = ("circle", "square", "triangle", "cross")
 
@@ -289,8 +290,8 @@ class Rejected(Exception):
     """An input that cannot enter the manifest; the message is the reason."""
 
 
-def decode_rgb(candidate: Candidate, min_size: int, max_pixels: int) -> Image.Image:
-    """Decode fully, apply EXIF orientation and convert to RGB, or raise Rejected."""
+def decode_image(candidate: Candidate, min_size: int, max_pixels: int, mode: str = "RGB") -> Image.Image:
+    """Decode fully, apply EXIF orientation and convert to ``mode`` (RGB or L), or raise Rejected."""
     suffix = Path(candidate.source).suffix.lower()
     if suffix and suffix not in IMAGE_EXTENSIONS and not candidate.source.startswith("demo/"):
         raise Rejected(f"not an image extension ({suffix})")
@@ -323,7 +324,7 @@ def decode_rgb(candidate: Candidate, min_size: int, max_pixels: int) -> Image.Im
         arr = np.asarray(img, dtype=np.float64)
         span = max(arr.max() - arr.min(), 1.0)
         img = Image.fromarray(((arr - arr.min()) / span * 255).round().astype(np.uint8))
-    return img.convert("RGB")
+    return img.convert(mode)
 
 
 @contextmanager
@@ -398,7 +399,9 @@ def ingest(candidates: Iterator[Candidate], params: DataParams, out_dir: Path) -
                     raise Rejected("empty label")
                 if allowed is not None and cand.label not in allowed:
                     raise Rejected(f"label {cand.label!r} not in data.classes")
-                img = decode_rgb(cand, params.min_image_size, params.max_image_pixels)
+                img = decode_image(
+                    cand, params.min_image_size, params.max_image_pixels, PIL_MODES[params.channels]
+                )
             except Rejected as why:
                 rejected.append({"path": cand.source, "reason": str(why)})
                 continue
