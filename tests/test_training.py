@@ -377,3 +377,15 @@ def test_saved_bytes_do_not_depend_on_memory_addresses(tmp_path: Path) -> None:
     for name, padding in (("a.keras", "10"), ("b.keras", "100000")):
         subprocess.run([sys.executable, "-c", SAVE_A_FRESH_MODEL, str(tmp_path / name), padding], check=True)
     assert (tmp_path / "a.keras").read_bytes() == (tmp_path / "b.keras").read_bytes()
+
+
+def test_same_params_and_data_give_byte_identical_models_on_cpu(tri: Trained, tmp_path: Path) -> None:
+    """Seeds plus TensorFlow op determinism: a rerun reproduces both phases' files exactly."""
+    frozen_params = TrainFrozenParams(epochs=2, batch_size=8, learning_rate=0.01, patience=5)
+    training.train_frozen(tri.root, frozen_params, tmp_path / "frozen.keras", tmp_path / "frozen.csv")
+    assert (tmp_path / "frozen.keras").read_bytes() == tri.frozen.read_bytes()
+    assert (tmp_path / "frozen.csv").read_bytes() == tri.frozen_history.read_bytes()
+    fine_params = FineTuneParams(unfreeze_blocks=2, epochs=2, batch_size=8, learning_rate=1e-3, patience=5)
+    training.fine_tune(tri.root, tri.frozen, fine_params, tmp_path / "model.keras", tmp_path / "fine.csv")
+    assert (tmp_path / "model.keras").read_bytes() == tri.model.read_bytes()
+    assert (tmp_path / "fine.csv").read_bytes() == tri.fine_history.read_bytes()

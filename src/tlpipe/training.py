@@ -186,7 +186,9 @@ def assemble(backbone_model: keras.Model, head: keras.Model, n_classes: int, dro
 
 def compile_for(model: keras.Model, n_classes: int, learning_rate: float) -> None:
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        # named: Keras would number it by how many optimizers this process made ("adam_2"),
+        # and the saved file would then depend on what ran before in the same process
+        optimizer=keras.optimizers.Adam(learning_rate, name="adam"),
         loss=output_spec(n_classes).loss,
         metrics=["accuracy"],
     )
