@@ -9,7 +9,7 @@ if __name__ == "__main__":
     sys.exit(
         stage_main(
             "train-frozen",
-            ["data", "model", "history"],
-            lambda p, a: train_frozen(a.data, p.train_frozen, a.model, a.history),
+            ["data", "model", "history", "checkpoints"],
+            lambda p, a: train_frozen(a.data, p.train_frozen, a.model, a.history, a.checkpoints),
         )
     )

@@ -115,7 +115,13 @@ def test_unknown_key_is_named_with_allowed_keys(dotted, section):
         ("augment.copies", -1, "greater than or equal to 0"),
         ("data.demo.images_per_class", 2, "greater than or equal to 4"),
         ("fine_tune.learning_rate", 0, "greater than 0"),
-        ("train_frozen.backbone", "resnet50", "efficientnet_lite0"),
+        ("train_frozen.backbone", "resnet9000", "efficientnet_lite0"),
+        ("fine_tune.optimizer", "adagrad", "adamw"),
+        ("fine_tune.schedule", "linear", "cosine"),
+        ("train_frozen.class_weight", "yes", "balanced"),
+        ("fine_tune.label_smoothing", 0.5, "less than 0.5"),
+        ("fine_tune.backbone_lr_factor", 2, "less than or equal to 1"),
+        ("train_frozen.distribution", "tpu", "multi_worker"),
         ("data.classes", "cats", "valid list"),
     ],
 )
@@ -284,3 +290,15 @@ def test_shipped_params_yaml_spells_out_the_code_defaults() -> None:
 
     shipped = parse_params(yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text()))
     assert shipped == Params()
+
+
+def test_backbone_choices_are_the_registry() -> None:
+    from tlpipe.backbones import REGISTRY
+    from tlpipe.config import BACKBONES
+
+    assert set(BACKBONES) == set(REGISTRY)
+
+
+def test_gradual_unfreezing_counts_blocks_not_layers() -> None:
+    message = _error({"fine_tune": {"unfreeze_every": 2, "unfreeze_from": "block14_add"}})
+    assert "unfreeze_every works with unfreeze_blocks, not unfreeze_from" in message

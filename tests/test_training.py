@@ -22,6 +22,7 @@ from tlpipe.backbones import get_backbone
 from tlpipe.config import FineTuneParams, TrainFrozenParams
 from tlpipe.datasets import image_dataset, load_augmented
 from tlpipe.errors import PipelineError
+from tlpipe.optimization import encode_labels
 
 BACKBONE = "efficientnet_lite0"
 HISTORY_COLUMNS = {"epoch", "loss", "val_loss", "accuracy", "val_accuracy"}
@@ -50,15 +51,16 @@ def _train(root: Path, frozen_epochs: int, fine_epochs: int, mlflow_store: str) 
         out = root.parent
         frozen_params = TrainFrozenParams(epochs=frozen_epochs, batch_size=8, learning_rate=0.01, patience=5)
         frozen_metrics = training.train_frozen(
-            root, frozen_params, out / "frozen.keras", out / "frozen" / "history.csv"
+            root, frozen_params, out / "frozen.keras", out / "frozen" / "history.csv", out / "ckpt-frozen"
         )
         frozen_run = mlflow.last_active_run().info.run_id
         fine_params = FineTuneParams(
             unfreeze_blocks=2, epochs=fine_epochs, batch_size=8, learning_rate=1e-3, patience=5
         )
         fine_metrics = training.fine_tune(
-            root, out / "frozen.keras", fine_params, out / "model.keras", out / "fine" / "history.csv"
-        )
+            root, out / "frozen.keras", fine_params, out / "model.keras", out / "fine" / "history.csv",
+            out / "ckpt-fine",
+        )  # fmt: skip
         fine_run = mlflow.last_active_run().info.run_id
     return Trained(
         root,
@@ -107,12 +109,9 @@ def _history(path: Path) -> tuple[list[str], list[dict[str, float]]]:
 # ------------------------------------------------------------------ helpers
 
 
-@pytest.mark.parametrize(
-    ("n_classes", "units", "activation", "loss"),
-    [(2, 1, "sigmoid", "binary_crossentropy"), (3, 3, "softmax", "sparse_categorical_crossentropy")],
-)
-def test_output_spec(n_classes: int, units: int, activation: str, loss: str) -> None:
-    assert training.output_spec(n_classes) == training.OutputSpec(units, activation, loss)
+@pytest.mark.parametrize(("n_classes", "units", "activation"), [(2, 1, "sigmoid"), (3, 3, "softmax")])
+def test_output_spec(n_classes: int, units: int, activation: str) -> None:
+    assert training.output_spec(n_classes) == training.OutputSpec(units, activation)
     assert training.output_spec(7).units == 7
 
 
@@ -185,10 +184,12 @@ def test_frozen_backbone_is_exactly_the_pretrained_one(tri: Trained, fresh_backb
     assert compared > 200  # every conv kernel and BN statistic of the backbone
 
 
-def test_assembled_model_equals_head_on_cached_features(tri: Trained, fresh_backbone: keras.Model) -> None:
+def test_assembled_model_equals_head_on_cached_features(
+    tri: Trained, fresh_backbone: keras.Model, tmp_path: Path
+) -> None:
     """The frozen phase trains on cached features: the saved model must compute the same thing."""
     val = load_augmented(tri.root).split("val")
-    features = training.compute_features(fresh_backbone, val, batch_size=4)
+    features = training.compute_features(fresh_backbone, val, 4, tmp_path / "val.npy", "key")
     assert features.shape == (9, 1280)
     model = _load(tri.frozen)
     head_on_features = keras.ops.convert_to_numpy(model.get_layer(training.HEAD_OUTPUT)(features))
@@ -200,9 +201,9 @@ def test_assembled_model_equals_head_on_cached_features(tri: Trained, fresh_back
 def test_frozen_model_carries_the_best_trained_head(tri: Trained) -> None:
     """Its val loss is the history's best: the trained head (best epoch) was copied, not a fresh one."""
     model = _load(tri.frozen)
-    training.compile_for(model, 3, 1e-3)
+    training.compile_for(model, TrainFrozenParams(), 3, 1e-3)
     val = load_augmented(tri.root).split("val")
-    loss, _ = model.evaluate(image_dataset(val, 8), verbose=0)
+    loss, _ = model.evaluate(image_dataset(val, 8, targets=encode_labels(val.labels, 3)), verbose=0)
     _, rows = _history(tri.frozen_history)
     assert loss == pytest.approx(min(r["val_loss"] for r in rows), rel=1e-4)
     assert loss == pytest.approx(tri.frozen_metrics["best_val_loss"], rel=1e-4)
@@ -249,14 +250,21 @@ def test_fine_tune_also_trains_the_head(tri: Trained) -> None:
 def test_fine_tune_rejects_too_many_blocks(tri: Trained, tmp_path: Path) -> None:
     params = FineTuneParams(unfreeze_blocks=get_backbone(BACKBONE).block_count + 1, epochs=1)
     with pytest.raises(PipelineError, match=r"allowed: 0\.\.17"):
-        training.fine_tune(tri.root, tri.frozen, params, tmp_path / "m.keras", tmp_path / "h.csv")
+        training.fine_tune(
+            tri.root, tri.frozen, params, tmp_path / "m.keras", tmp_path / "h.csv", tmp_path / "c"
+        )
     assert not (tmp_path / "m.keras").exists()
 
 
 def test_fine_tune_without_a_frozen_model_says_which_stage_to_run(tri: Trained, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="run the train-frozen stage first"):
         training.fine_tune(
-            tri.root, tmp_path / "nope.keras", FineTuneParams(), tmp_path / "m.keras", tmp_path / "h"
+            tri.root,
+            tmp_path / "nope.keras",
+            FineTuneParams(),
+            tmp_path / "m.keras",
+            tmp_path / "h",
+            tmp_path / "c",
         )
 
 
@@ -324,7 +332,7 @@ def test_fine_tune_that_only_hurts_keeps_the_frozen_weights(tri: Trained, tmp_pa
     # a huge learning rate wrecks the weights in one step: no epoch can beat the start
     params = FineTuneParams(unfreeze_blocks=2, epochs=1, batch_size=8, learning_rate=50.0, patience=1)
     metrics = training.fine_tune(
-        tri.root, tri.frozen, params, tmp_path / "model.keras", tmp_path / "history.csv"
+        tri.root, tri.frozen, params, tmp_path / "model.keras", tmp_path / "history.csv", tmp_path / "c"
     )
     assert metrics["kept_initial_weights"] == 1
     assert metrics["best_val_loss"] > metrics["initial_val_loss"]
@@ -382,10 +390,184 @@ def test_saved_bytes_do_not_depend_on_memory_addresses(tmp_path: Path) -> None:
 def test_same_params_and_data_give_byte_identical_models_on_cpu(tri: Trained, tmp_path: Path) -> None:
     """Seeds plus TensorFlow op determinism: a rerun reproduces both phases' files exactly."""
     frozen_params = TrainFrozenParams(epochs=2, batch_size=8, learning_rate=0.01, patience=5)
-    training.train_frozen(tri.root, frozen_params, tmp_path / "frozen.keras", tmp_path / "frozen.csv")
+    training.train_frozen(
+        tri.root, frozen_params, tmp_path / "frozen.keras", tmp_path / "frozen.csv", tmp_path / "c1"
+    )
     assert (tmp_path / "frozen.keras").read_bytes() == tri.frozen.read_bytes()
     assert (tmp_path / "frozen.csv").read_bytes() == tri.frozen_history.read_bytes()
     fine_params = FineTuneParams(unfreeze_blocks=2, epochs=2, batch_size=8, learning_rate=1e-3, patience=5)
-    training.fine_tune(tri.root, tri.frozen, fine_params, tmp_path / "model.keras", tmp_path / "fine.csv")
+    training.fine_tune(
+        tri.root, tri.frozen, fine_params, tmp_path / "model.keras", tmp_path / "fine.csv", tmp_path / "c2"
+    )
     assert (tmp_path / "model.keras").read_bytes() == tri.model.read_bytes()
     assert (tmp_path / "fine.csv").read_bytes() == tri.fine_history.read_bytes()
+
+
+# ------------------------------------------------------------ the feature cache
+
+
+def test_training_on_cached_features_equals_training_through_the_frozen_backbone(
+    tri: Trained, fresh_backbone: keras.Model, tmp_path: Path
+) -> None:
+    """Same initial head, same batches in the same order: the same trained head, either way."""
+    data = load_augmented(tri.root)
+    params = TrainFrozenParams(epochs=3, batch_size=4, learning_rate=0.01, dropout=0.0)
+    keras.utils.set_random_seed(3)
+    cached_head = training.build_head(1280, 3, 0.0)
+    naive_head = training.build_head(1280, 3, 0.0)
+    naive_head.set_weights(cached_head.get_weights())
+    initial = cached_head.get_weights()
+
+    features = {s: training.compute_features(fresh_backbone, data.split(s), 4, tmp_path / f"{s}.npy", "k")
+                for s in ("train", "val")}  # fmt: skip
+    targets = {s: encode_labels(data.split(s).labels, 3) for s in ("train", "val")}
+    training.compile_for(cached_head, params, 3, params.learning_rate)
+    cached_head.fit(
+        training.feature_dataset(features["train"], targets["train"], 4, None),
+        validation_data=training.feature_dataset(features["val"], targets["val"], 4, None),
+        epochs=3, verbose=0,
+    )  # fmt: skip
+    training.fit_through_frozen_backbone(fresh_backbone, naive_head, data, params)
+
+    for cached, naive, start in zip(cached_head.get_weights(), naive_head.get_weights(), initial):
+        assert not np.allclose(cached, start)  # both trained
+        np.testing.assert_allclose(cached, naive, rtol=1e-4, atol=1e-5)
+
+
+def test_feature_cache_is_reused_while_backbone_and_images_are_unchanged(
+    tri: Trained, tmp_path: Path, capsys
+):
+    ckpt = tmp_path / "ckpt"
+    first = TrainFrozenParams(epochs=1, batch_size=8)
+    training.train_frozen(tri.root, first, tmp_path / "a.keras", tmp_path / "a.csv", ckpt)
+    capsys.readouterr()
+    cache = ckpt / "features" / "train.npy"
+    stamp = cache.stat().st_mtime_ns
+    # head params changed: the features stay valid
+    second = TrainFrozenParams(epochs=1, batch_size=8, dropout=0.5, learning_rate=0.02)
+    training.train_frozen(tri.root, second, tmp_path / "b.keras", tmp_path / "b.csv", ckpt)
+    assert "18 of 18 images already done, reused" in capsys.readouterr().out
+    assert cache.stat().st_mtime_ns == stamp
+    # other backbone weights: recomputed
+    third = TrainFrozenParams(epochs=1, batch_size=8, weights="none")
+    training.train_frozen(tri.root, third, tmp_path / "c.keras", tmp_path / "c.csv", ckpt)
+    assert "already done" not in capsys.readouterr().out
+    assert cache.stat().st_mtime_ns != stamp
+
+
+# ------------------------------------------------------------ fine-tuning recipes
+
+
+def test_gradual_unfreezing_plan() -> None:
+    plan = training.unfreeze_plan(FineTuneParams(unfreeze_blocks=3, unfreeze_every=2, epochs=7))
+    assert plan == [
+        training.UnfreezeStep(0, 2, 1),
+        training.UnfreezeStep(2, 4, 2),
+        training.UnfreezeStep(4, 7, 3),
+    ]
+    # more steps than epochs allow: the plan stops where the epochs do
+    short = training.unfreeze_plan(FineTuneParams(unfreeze_blocks=5, unfreeze_every=2, epochs=3))
+    assert short == [training.UnfreezeStep(0, 2, 1), training.UnfreezeStep(2, 3, 2)]
+    assert training.unfreeze_plan(FineTuneParams(unfreeze_blocks=4, epochs=3)) == [
+        training.UnfreezeStep(0, 3, 4)
+    ]
+    assert training.unfreeze_plan(FineTuneParams(unfreeze_from="top_conv", epochs=3)) == [
+        training.UnfreezeStep(0, 3, None)
+    ]
+
+
+def _changed_layers(before: Path, after: Path) -> set[str]:
+    old, _ = training.find_backbone(_load(before))
+    new, _ = training.find_backbone(_load(after))
+    return {
+        layer.name
+        for layer in new.layers
+        if not all(
+            np.array_equal(a, b) for a, b in zip(old.get_layer(layer.name).get_weights(), layer.get_weights())
+        )
+    }
+
+
+def test_gradual_unfreezing_trains_one_more_block_per_step(tri: Trained, tmp_path: Path, capsys) -> None:
+    params = FineTuneParams(unfreeze_blocks=2, unfreeze_every=1, epochs=2, batch_size=8, learning_rate=1e-3)
+    metrics = training.fine_tune(
+        tri.root, tri.frozen, params, tmp_path / "m.keras", tmp_path / "h.csv", tmp_path / "c"
+    )
+    out = capsys.readouterr().out
+    assert "epochs 1-1: 1 backbone layers trainable (top 1 blocks" in out
+    assert "epochs 2-2: 4 backbone layers trainable (top 2 blocks" in out
+    assert len(_history(tmp_path / "h.csv")[1]) == 2
+    # the saved weights are the best epoch's: block15 has moved only if that is the second
+    expected = TOP_TWO_BLOCKS if metrics["best_epoch"] == 2 else {"top_conv"}
+    assert _changed_layers(tri.frozen, tmp_path / "m.keras") == expected
+
+
+def test_unfreeze_from_a_named_layer(tri: Trained, tmp_path: Path) -> None:
+    params = FineTuneParams(unfreeze_from="block15_project_conv", epochs=1, batch_size=8, learning_rate=1e-4)
+    metrics = training.fine_tune(
+        tri.root, tri.frozen, params, tmp_path / "m.keras", tmp_path / "h.csv", tmp_path / "c"
+    )
+    assert metrics["trainable_layers"] == 2
+    assert _changed_layers(tri.frozen, tmp_path / "m.keras") == {"block15_project_conv", "top_conv"}
+
+
+def test_from_scratch_trains_every_layer_batchnorm_included(tri: Trained, tmp_path: Path, capsys) -> None:
+    frozen = tmp_path / "scratch_frozen.keras"
+    frozen_params = TrainFrozenParams(weights="none", epochs=1, batch_size=8)
+    training.train_frozen(tri.root, frozen_params, frozen, tmp_path / "f.csv", tmp_path / "c1")
+    params = FineTuneParams(epochs=1, batch_size=8, scratch_learning_rate=2e-3)
+    training.fine_tune(
+        tri.root, frozen, params, tmp_path / "m.keras", tmp_path / "h.csv", tmp_path / "c2", "none"
+    )
+    out = capsys.readouterr().out
+    assert "from scratch: every layer, BatchNormalization included), learning rate 0.002" in out
+
+    # the same preparation, one training step: every layer moves, BatchNormalization statistics too
+    model = _load(frozen)
+    backbone, name = training.find_backbone(model)
+    count = training.unfreeze(backbone, name, params, training.unfreeze_plan(params)[0], scratch=True)
+    assert count == sum(1 for layer in backbone.layers if layer.weights)
+    training.compile_for(model, params, 3, 2e-3)
+    before = {layer.name: [w.copy() for w in layer.get_weights()] for layer in backbone.layers}
+    data = load_augmented(tri.root).split("train")
+    model.fit(image_dataset(data, 8, targets=encode_labels(data.labels, 3)).take(1), verbose=0)
+    for layer in backbone.layers:
+        if layer.weights:
+            moved = [not np.array_equal(a, b) for a, b in zip(before[layer.name], layer.get_weights())]
+            assert all(moved), f"{layer.name}: some weights did not move"  # BN: gamma, beta, mean, var
+
+
+def test_recipe_options_run_together_under_a_mirrored_strategy(tri: Trained, tmp_path: Path, capsys) -> None:
+    params = FineTuneParams(
+        epochs=2, batch_size=8, learning_rate=1e-3, backbone_lr_factor=0.1, optimizer="sgd_nesterov",
+        schedule="cosine", warmup_epochs=1, clip_norm=1.0, label_smoothing=0.1, weight_decay=1e-4,
+        class_weight="balanced", distribution="mirrored", unfreeze_blocks=1,
+    )  # fmt: skip
+    metrics = training.fine_tune(
+        tri.root, tri.frozen, params, tmp_path / "m.keras", tmp_path / "h.csv", tmp_path / "c"
+    )
+    out = capsys.readouterr().out
+    assert "backbone x0.1" in out and "class weights: red=1.000, green=1.000, blue=1.000" in out
+    assert metrics["epochs_run"] == 2
+    model = _load(tmp_path / "m.keras")
+    assert getattr(model, "optimizer", None) is None  # saved without the training-only optimizer
+    assert _changed_layers(tri.frozen, tmp_path / "m.keras") == {"top_conv"}
+
+
+def test_mixed_precision_only_with_a_gpu() -> None:
+    from tlpipe.devices import precision_policy
+
+    assert precision_policy("auto", []) == "float32"
+    assert precision_policy("auto", ["GPU:0"]) == "mixed_float16"
+    assert precision_policy("off", ["GPU:0"]) == "float32"
+
+
+def test_head_outputs_float32_under_mixed_precision() -> None:
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        head = training.build_head(8, 3, 0.1)
+        out = head(np.ones((2, 8), "float32"))
+        assert head.get_layer(training.HEAD_OUTPUT).compute_dtype == "float32"
+        assert keras.backend.standardize_dtype(out.dtype) == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

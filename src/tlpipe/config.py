@@ -160,25 +160,86 @@ class AugmentParams(_Section):
     probability: float = _probability(0.7)
 
 
-class _TrainingPhase(_Section):
+BACKBONES = (
+    "efficientnet_lite0",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "efficientnet_b1",
+    "efficientnet_b2",
+    "efficientnet_b3",
+    "efficientnetv2_b0",
+    "resnet50",
+    "resnet50_v2",
+    "densenet121",
+    "inception_v3",
+    "vgg16",
+    "convnext_tiny",
+)
+Backbone = Literal[BACKBONES]  # the keys of tlpipe.backbones.REGISTRY (a test keeps them equal)
+
+
+class TrainingPhaseParams(_Section):
     batch_size: int = Field(32, ge=1)
     epochs: int = Field(40, ge=1)
     learning_rate: float = Field(1e-3, gt=0.0)
     patience: int = Field(5, ge=1)  # epochs without a better val_loss before stopping
     seed: int = 42
+    optimizer: Literal["adam", "adamw", "sgd", "sgd_nesterov", "rmsprop"] = "adam"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd, sgd_nesterov and rmsprop
+    weight_decay: float = Field(0.0, ge=0.0, lt=1.0)  # decoupled, applied by the optimizer
+    clip_norm: float | None = Field(None, gt=0.0)  # clip each gradient to this L2 norm
+    schedule: Literal["constant", "cosine", "step", "plateau"] = "constant"
+    warmup_epochs: int = Field(0, ge=0)  # linear warm-up from 0 (cosine schedule)
+    decay_every: int = Field(10, ge=1)  # step schedule: epochs between drops
+    decay_factor: float = Field(0.1, gt=0.0, lt=1.0)  # step and plateau schedules
+    plateau_patience: int = Field(2, ge=1)  # plateau schedule: epochs without improvement
+    min_learning_rate: float = Field(0.0, ge=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    # auto: balanced weights when the largest class is over 1.5x the smallest in the train split
+    class_weight: Literal["auto", "balanced", "none"] = "auto"
+    # auto: mixed_float16 when a GPU is visible, float32 otherwise (CPUs gain nothing from it)
+    mixed_precision: Literal["auto", "off"] = "auto"
+    # none: the default device; mirrored: every local GPU; multi_worker: the cluster in TF_CONFIG
+    distribution: Literal["none", "mirrored", "multi_worker"] = "none"
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainingPhaseParams:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be below epochs ({self.epochs})")
+        if self.warmup_epochs and self.schedule != "cosine":
+            raise ValueError(f"warmup_epochs needs schedule: cosine (got schedule: {self.schedule})")
+        return self
 
 
-class TrainFrozenParams(_TrainingPhase):
-    backbone: Literal["efficientnet_lite0"] = "efficientnet_lite0"
-    weights: str = "imagenet"
+class TrainFrozenParams(TrainingPhaseParams):
+    backbone: Backbone = "efficientnet_lite0"
+    weights: str = "imagenet"  # imagenet | none | path to a weights file
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    head_l2: float = Field(0.0, ge=0.0)  # L2 penalty on the head's kernel
 
 
-class FineTuneParams(_TrainingPhase):
+class FineTuneParams(TrainingPhaseParams):
     unfreeze_blocks: int = Field(3, ge=0)
+    # a backbone layer name: it and every layer above it train (instead of unfreeze_blocks)
+    unfreeze_from: str | None = None
+    # >0: start with the top block and unfreeze one more every this many epochs (gradual unfreezing)
+    unfreeze_every: int = Field(0, ge=0)
     epochs: int = Field(5, ge=1)
     learning_rate: float = Field(1e-5, gt=0.0)
+    # the backbone learns at learning_rate * backbone_lr_factor, the head at learning_rate
+    backbone_lr_factor: float = Field(1.0, gt=0.0, le=1.0)
+    # with train_frozen.weights: none there is nothing pretrained to protect: every layer
+    # (BatchNormalization included) trains at this rate
+    scratch_learning_rate: float = Field(1e-3, gt=0.0)
     patience: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _gradual_needs_blocks(self) -> FineTuneParams:
+        if self.unfreeze_every and self.unfreeze_from is not None:
+            raise ValueError("unfreeze_every works with unfreeze_blocks, not unfreeze_from")
+        return self
 
 
 class EvaluateParams(_Section):

@@ -62,10 +62,19 @@ def _decode(path: tf.Tensor) -> tf.Tensor:
 
 
 def image_dataset(
-    data: SplitData, batch_size: int, shuffle_seed: int | None = None, with_labels: bool = True
+    data: SplitData,
+    batch_size: int,
+    shuffle_seed: int | None = None,
+    with_labels: bool = True,
+    targets: np.ndarray | None = None,
 ) -> tf.data.Dataset:
-    """Batches of (image, label), shuffled reproducibly when a seed is given."""
-    ds = tf.data.Dataset.from_tensor_slices((data.paths, data.labels))
+    """Batches of (image, label), shuffled reproducibly when a seed is given.
+
+    ``targets`` replaces the label indices (e.g. one-hot rows for a softmax loss).
+    Only paths and labels are held in memory; images are decoded batch by batch.
+    """
+    labels = data.labels if targets is None else targets
+    ds = tf.data.Dataset.from_tensor_slices((data.paths, labels))
     if shuffle_seed is not None:
         ds = ds.shuffle(len(data.paths), seed=shuffle_seed, reshuffle_each_iteration=True)
     ds = ds.map(lambda p, y: (_decode(p), y), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -9,6 +9,7 @@ The trained head is then put back on the backbone and saved as one model.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import time
@@ -19,12 +20,29 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+from tqdm import tqdm
 
 from tlpipe import tracking
-from tlpipe.backbones import REGISTRY, get_backbone, resolve_weights, set_top_blocks_trainable
-from tlpipe.config import FineTuneParams, TrainFrozenParams, section_dict
-from tlpipe.datasets import image_dataset, load_augmented, load_images
+from tlpipe.backbones import (
+    REGISTRY,
+    get_backbone,
+    resolve_weights,
+    set_top_blocks_trainable,
+    set_trainable_from,
+)
+from tlpipe.checkpoints import Checkpoint, ResumableEarlyStopping, TrainingState, digest_files, fingerprint
+from tlpipe.config import FineTuneParams, TrainFrozenParams, TrainingPhaseParams, section_dict
+from tlpipe.datasets import AugmentedData, SplitData, image_dataset, load_augmented, load_images
+from tlpipe.devices import apply_precision, distribution_strategy
 from tlpipe.errors import PipelineError
+from tlpipe.optimization import (
+    class_weights,
+    encode_labels,
+    loss_for,
+    lr_factors_for,
+    make_optimizer,
+    schedule_callbacks,
+)
 
 HEAD_DROPOUT = "head_dropout"
 HEAD_OUTPUT = "head_output"
@@ -34,7 +52,6 @@ HEAD_OUTPUT = "head_output"
 class OutputSpec:
     units: int
     activation: str
-    loss: str
 
 
 def output_spec(n_classes: int) -> OutputSpec:
@@ -42,8 +59,8 @@ def output_spec(n_classes: int) -> OutputSpec:
     if n_classes < 2:
         raise PipelineError(f"need at least 2 classes, got {n_classes}")
     if n_classes == 2:
-        return OutputSpec(1, "sigmoid", "binary_crossentropy")
-    return OutputSpec(n_classes, "softmax", "sparse_categorical_crossentropy")
+        return OutputSpec(1, "sigmoid")
+    return OutputSpec(n_classes, "softmax")
 
 
 def class_probabilities(outputs: np.ndarray) -> np.ndarray:
@@ -67,21 +84,20 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         self.prefix = prefix
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        metrics = {f"{self.prefix}.{k}": v for k, v in (logs or {}).items() if k != "learning_rate"}
+        metrics = {f"{self.prefix}.{k}": float(v) for k, v in (logs or {}).items()}
         tracking.log_metrics(metrics, step=epoch + 1)  # 1-based, as in the history CSVs
 
 
-def write_history(history: keras.callbacks.History, path: Path) -> list[dict]:
-    keys = [k for k in history.history if k != "learning_rate"]
-    rows = [
-        {"epoch": i + 1, **{k: float(history.history[k][i]) for k in keys}} for i in range(len(history.epoch))
-    ]
+def write_history(rows: list[dict], path: Path) -> None:
+    """One row per epoch, across every run that contributed (a resumed run included)."""
+    keys = ["epoch", *(k for k in rows[0] if k != "epoch")] if rows else ["epoch"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["epoch", *keys], lineterminator="\n")
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-    return rows
+    os.replace(tmp, path)
 
 
 def save_model_atomically(model: keras.Model, path: Path) -> None:
@@ -138,7 +154,7 @@ def renumber_shared_objects(config: object) -> object:
 
 
 def best_epoch_metrics(rows: list[dict]) -> dict[str, float]:
-    best = min(rows, key=lambda r: r["val_loss"])
+    best = min(rows, key=lambda r: r["val_loss"])  # the first of equals, as early stopping keeps it
     return {
         "best_epoch": best["epoch"],
         "epochs_run": len(rows),
@@ -146,70 +162,197 @@ def best_epoch_metrics(rows: list[dict]) -> dict[str, float]:
     }
 
 
-# ------------------------------------------------------------- frozen phase
+# ------------------------------------------------------------ shared fitting
 
 
-def compute_features(backbone_model: keras.Model, data, batch_size: int) -> np.ndarray:
-    ds = image_dataset(data, batch_size, with_labels=False)
-    return backbone_model.predict(ds, verbose=0)
-
-
-def _head_layers(n_classes: int, dropout: float) -> tuple[keras.layers.Layer, keras.layers.Layer]:
-    spec = output_spec(n_classes)
-    return (
-        keras.layers.Dropout(dropout, name=HEAD_DROPOUT),
-        keras.layers.Dense(spec.units, activation=spec.activation, name=HEAD_OUTPUT),
+def compile_for(
+    model: keras.Model,
+    params: TrainingPhaseParams,
+    n_classes: int,
+    learning_rate: float,
+    lr_factors: dict[int, float] | None = None,
+) -> None:
+    model.compile(
+        optimizer=make_optimizer(params, learning_rate, lr_factors),
+        loss=loss_for(n_classes, params.label_smoothing),
+        metrics=["accuracy"],
     )
 
 
-def build_head(n_features: int, n_classes: int, dropout: float) -> keras.Model:
+def fit_resumable(
+    model: keras.Model,
+    train: tf.data.Dataset,
+    val: tf.data.Dataset,
+    epochs: tuple[int, int],
+    params: TrainingPhaseParams,
+    checkpoint: Checkpoint,
+    state: TrainingState,
+    class_weight: dict[int, float] | None,
+    learning_rate: float,
+    prefix: str,
+) -> None:
+    """Fit from ``state.epochs_done`` up to ``epochs[1]``, checkpointing every epoch.
+
+    ``epochs[0]`` is where this fit's own epochs begin (a gradual-unfreezing step
+    starts later than 0); the schedule counts from the phase's first epoch.
+    """
+    if state.epochs_done >= epochs[1] or state.stopped_early:
+        return
+    if state.epochs_done > 0:
+        restored = checkpoint.restore_last(model)
+        print(
+            f"{prefix}: resuming after epoch {state.epochs_done} from {checkpoint.directory}"
+            f" ({'with' if restored else 'without'} optimizer state)"
+        )
+    model.fit(
+        train,
+        validation_data=val,
+        initial_epoch=state.epochs_done,
+        epochs=epochs[1],
+        shuffle=False,  # the datasets shuffle themselves (seeded); Keras cannot shuffle a tf.data input
+        class_weight=class_weight,
+        callbacks=[
+            ResumableEarlyStopping(checkpoint, state, params.patience),
+            *schedule_callbacks(params, learning_rate),
+            MlflowEpochLogger(prefix),
+        ],
+        verbose=2,
+    )
+
+
+def describe_class_weight(weights: dict[int, float] | None, classes: list[str]) -> str:
+    if weights is None:
+        return "class weights: none"
+    return "class weights: " + ", ".join(f"{classes[i]}={w:.3f}" for i, w in weights.items())
+
+
+def data_digest(data: AugmentedData) -> str:
+    """A digest of the images and labels a phase trains and validates on."""
+    splits = [data.split("train"), data.split("val")]
+    return fingerprint(
+        data.classes,
+        [s.rel_paths for s in splits],
+        [s.labels.tolist() for s in splits],
+        digest_files(p for s in splits for p in s.paths),
+    )
+
+
+# ------------------------------------------------------------- frozen phase
+
+
+def compute_features(
+    backbone_model: keras.Model, data: SplitData, batch_size: int, cache: Path, key: str
+) -> np.ndarray:
+    """The backbone's features for every image, streamed to ``cache`` (an .npy file).
+
+    The file is a memory map written batch by batch, with a progress record beside
+    it, so memory stays flat with the dataset's size and a killed run continues
+    from the last batch written. A cache from other inputs (``key``) is recomputed.
+    """
+    progress_path = cache.with_suffix(".json")
+    n = len(data.paths)
+    dim = int(backbone_model.output_shape[-1])
+    done = _cached_rows(progress_path, key, n)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    if done == 0 or not cache.exists():
+        done = 0
+        features = np.lib.format.open_memmap(cache, mode="w+", dtype=np.float32, shape=(n, dim))
+    else:
+        features = np.lib.format.open_memmap(cache, mode="r+")
+        print(f"feature cache {cache}: {done} of {n} images already done" + ("" if done < n else ", reused"))
+    if done < n:
+        forward = tf.function(lambda x: backbone_model(x, training=False), reduce_retracing=True)
+        rest = SplitData(data.paths[done:], data.labels[done:], data.rel_paths[done:])
+        batches = image_dataset(rest, batch_size, with_labels=False)
+        with tqdm(total=n, initial=done, desc=f"features {cache.stem}", unit="img", mininterval=5) as bar:
+            for batch in batches:
+                out = forward(batch).numpy()
+                features[done : done + len(out)] = out
+                features.flush()
+                done += len(out)
+                _write_json(progress_path, {"key": key, "rows": done, "total": n})
+                bar.update(len(out))
+    del features
+    return np.load(cache, mmap_mode="r")
+
+
+def _cached_rows(progress_path: Path, key: str, n: int) -> int:
+    try:
+        progress = json.loads(progress_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0
+    if progress.get("key") != key or progress.get("total") != n:
+        return 0
+    return int(progress.get("rows", 0))
+
+
+def _write_json(path: Path, value: object) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(value), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def feature_dataset(
+    features: np.ndarray, targets: np.ndarray, batch_size: int, shuffle_seed: int | None
+) -> tf.data.Dataset:
+    """Batches of (features, target) read from the (memory-mapped) cache as needed."""
+    n = len(features)
+    index = tf.data.Dataset.range(n)
+    if shuffle_seed is not None:
+        index = index.shuffle(n, seed=shuffle_seed, reshuffle_each_iteration=True)
+
+    def gather(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(features[idx], dtype=np.float32), targets[idx]
+
+    def load(idx: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        x, y = tf.numpy_function(gather, [idx], (tf.float32, tf.float32))
+        x.set_shape((None, features.shape[1]))
+        y.set_shape((None, *targets.shape[1:]))
+        return x, y
+
+    return index.batch(batch_size).map(load).prefetch(tf.data.AUTOTUNE)
+
+
+def _head_layers(
+    n_classes: int, dropout: float, l2: float = 0.0
+) -> tuple[keras.layers.Layer, keras.layers.Layer]:
+    spec = output_spec(n_classes)
+    return (
+        keras.layers.Dropout(dropout, name=HEAD_DROPOUT),
+        keras.layers.Dense(
+            spec.units,
+            activation=spec.activation,
+            kernel_regularizer=keras.regularizers.L2(l2) if l2 else None,
+            dtype="float32",  # probabilities in float32 under a mixed-precision policy too
+            name=HEAD_OUTPUT,
+        ),
+    )
+
+
+def build_head(n_features: int, n_classes: int, dropout: float, l2: float = 0.0) -> keras.Model:
     """The classification head alone, trained on cached backbone features."""
-    dropout_layer, dense = _head_layers(n_classes, dropout)
+    dropout_layer, dense = _head_layers(n_classes, dropout, l2)
     inputs = keras.Input((n_features,), name="features")
     return keras.Model(inputs, dense(dropout_layer(inputs)), name="head")
 
 
-def assemble(backbone_model: keras.Model, head: keras.Model, n_classes: int, dropout: float) -> keras.Model:
+def assemble(
+    backbone_model: keras.Model, head: keras.Model, n_classes: int, dropout: float, l2: float = 0.0
+) -> keras.Model:
     """Backbone and a copy of the trained head as one model that takes raw pixels.
 
     The head's layers are copied rather than reused: a layer shared by two
     functional models does not survive a save/load of one of them intact.
     """
     backbone_model.trainable = False
-    dropout_layer, dense = _head_layers(n_classes, dropout)
+    dropout_layer, dense = _head_layers(n_classes, dropout, l2)
     inputs = keras.Input(backbone_model.input_shape[1:], name="image")
-    features = backbone_model(inputs, training=False)
+    # no training=False here: frozen BatchNormalization runs in inference mode anyway (Keras 3),
+    # and a from-scratch fine-tune needs its unfrozen BatchNormalization to learn statistics
+    features = backbone_model(inputs)
     outputs = dense(dropout_layer(features))
     dense.set_weights(head.get_layer(HEAD_OUTPUT).get_weights())
     return keras.Model(inputs, outputs, name="classifier")
-
-
-def compile_for(model: keras.Model, n_classes: int, learning_rate: float) -> None:
-    model.compile(
-        # named: Keras would number it by how many optimizers this process made ("adam_2"),
-        # and the saved file would then depend on what ran before in the same process
-        optimizer=keras.optimizers.Adam(learning_rate, name="adam"),
-        loss=output_spec(n_classes).loss,
-        metrics=["accuracy"],
-    )
-
-
-def fit_head_on_features(
-    head: keras.Model, train: tuple, val: tuple, params: TrainFrozenParams, n_classes: int, callbacks: list
-) -> keras.callbacks.History:
-    compile_for(head, n_classes, params.learning_rate)
-    stop = keras.callbacks.EarlyStopping(
-        monitor="val_loss", patience=params.patience, restore_best_weights=True
-    )
-    return head.fit(
-        *train,
-        validation_data=val,
-        epochs=params.epochs,
-        batch_size=params.batch_size,
-        shuffle=True,
-        callbacks=[stop, *callbacks],
-        verbose=2,
-    )
 
 
 def build_backbone_model(name: str, weights: str, image_size: int) -> keras.Model:
@@ -219,36 +362,88 @@ def build_backbone_model(name: str, weights: str, image_size: int) -> keras.Mode
     return keras.Model(inner.input, inner.output, name=backbone.name)
 
 
+def fit_through_frozen_backbone(
+    backbone_model: keras.Model, head: keras.Model, data: AugmentedData, params: TrainFrozenParams
+) -> keras.callbacks.History:
+    """The usual Keras recipe: every epoch runs the frozen backbone on every image.
+
+    Not used by the pipeline; kept as the reference that the feature-cache path is
+    tested against and benchmarked against (benchmarks/training_speed.py).
+    """
+    n_classes = len(data.classes)
+    backbone_model.trainable = False
+    inputs = keras.Input(backbone_model.input_shape[1:])
+    model = keras.Model(inputs, head(backbone_model(inputs, training=False)))
+    compile_for(model, params, n_classes, params.learning_rate)
+    train, val = (
+        image_dataset(data.split(s), params.batch_size, targets=_targets(data, s)) for s in ("train", "val")
+    )
+    return model.fit(train, validation_data=val, epochs=params.epochs, verbose=0)
+
+
+def _targets(data: AugmentedData, split: str) -> np.ndarray:
+    return encode_labels(data.split(split).labels, len(data.classes))
+
+
 def train_frozen(
-    augmented_dir: Path, params: TrainFrozenParams, model_out: Path, history_out: Path
+    augmented_dir: Path,
+    params: TrainFrozenParams,
+    model_out: Path,
+    history_out: Path,
+    checkpoint_dir: Path,
 ) -> dict[str, float]:
-    """The train-frozen stage."""
+    """The train-frozen stage: features cached once, a head trained on them, one model saved."""
+    strategy = distribution_strategy(params.distribution)
     seed_everything(params.seed)
+    policy = apply_precision(params.mixed_precision)
     data = load_augmented(augmented_dir)
     n_classes = len(data.classes)
+    checkpoint_dir = Path(checkpoint_dir)
     with tracking.stage_run("train-frozen", section_dict(params, "train_frozen")):
         backbone_model = build_backbone_model(params.backbone, params.weights, data.image_size)
+        features_key = fingerprint(params.backbone, params.weights, policy, data_digest(data))
         start = time.perf_counter()
-        train_x = compute_features(backbone_model, data.split("train"), params.batch_size)
-        val_x = compute_features(backbone_model, data.split("val"), params.batch_size)
+        feature_dir = checkpoint_dir / "features"
+        cached = {
+            s: compute_features(
+                backbone_model, data.split(s), params.batch_size, feature_dir / f"{s}.npy", features_key
+            )
+            for s in ("train", "val")
+        }
         feature_seconds = time.perf_counter() - start
-        print(f"train-frozen: cached {len(train_x) + len(val_x)} feature vectors in {feature_seconds:.1f}s")
-        head = build_head(train_x.shape[1], n_classes, params.dropout)
-        start = time.perf_counter()
-        history = fit_head_on_features(
-            head,
-            (train_x, data.split("train").labels),
-            (val_x, data.split("val").labels),
-            params,
-            n_classes,
-            [MlflowEpochLogger("frozen")],
+        print(
+            f"train-frozen: {sum(map(len, cached.values()))} feature vectors ready in {feature_seconds:.1f}s"
         )
+        weights = class_weights(data.split("train").labels, n_classes, params.class_weight)
+        print(f"train-frozen: {describe_class_weight(weights, data.classes)}")
+        checkpoint = Checkpoint(checkpoint_dir / "head", fingerprint(features_key, section_dict(params, "")))
+        state = checkpoint.load_state() or TrainingState(checkpoint.fingerprint)
+        start = time.perf_counter()
+        with strategy.scope():
+            head = build_head(cached["train"].shape[1], n_classes, params.dropout, params.head_l2)
+            compile_for(head, params, n_classes, params.learning_rate)
+        fit_resumable(
+            head,
+            feature_dataset(cached["train"], _targets(data, "train"), params.batch_size, params.seed),
+            feature_dataset(cached["val"], _targets(data, "val"), params.batch_size, None),
+            (0, params.epochs),
+            params,
+            checkpoint,
+            state,
+            weights,
+            params.learning_rate,
+            "frozen",
+        )
+        best_weights = checkpoint.best_weights()
+        if best_weights is not None:  # None only when every epoch's val_loss was NaN
+            head.set_weights(best_weights)
         head_seconds = time.perf_counter() - start
-        model = assemble(backbone_model, head, n_classes, params.dropout)
+        model = assemble(backbone_model, head, n_classes, params.dropout, params.head_l2)
         save_model_atomically(model, model_out)
-        rows = write_history(history, history_out)
+        write_history(state.rows, history_out)
+        checkpoint.finish(state)
         metrics = {
-            **best_epoch_metrics(rows),
+            **best_epoch_metrics(state.rows),
             "feature_seconds": feature_seconds,
             "head_seconds": head_seconds,
         }
@@ -273,59 +468,139 @@ def load_model(path: Path) -> keras.Model:
     return keras.models.load_model(path, safe_mode=True)
 
 
+@dataclass(frozen=True)
+class UnfreezeStep:
+    first_epoch: int  # 0-based
+    end_epoch: int  # exclusive
+    blocks: int | None  # top blocks trainable; None: unfreeze_from (or everything from scratch)
+
+
+def unfreeze_plan(params: FineTuneParams) -> list[UnfreezeStep]:
+    """Which blocks train in which epochs: all at once, or one more every ``unfreeze_every``."""
+    if params.unfreeze_from is not None:
+        return [UnfreezeStep(0, params.epochs, None)]
+    if not params.unfreeze_every or params.unfreeze_blocks <= 1:
+        return [UnfreezeStep(0, params.epochs, params.unfreeze_blocks)]
+    steps = []
+    for i in range(params.unfreeze_blocks):
+        first = i * params.unfreeze_every
+        if first >= params.epochs:
+            break
+        steps.append(UnfreezeStep(first, params.epochs, i + 1))
+    bounded = [UnfreezeStep(s.first_epoch, nxt.first_epoch, s.blocks) for s, nxt in itertools.pairwise(steps)]
+    return [*bounded, steps[-1]]
+
+
+def unfreeze(
+    backbone_model: keras.Model, name: str, params: FineTuneParams, step: UnfreezeStep, scratch: bool
+) -> int:
+    if scratch:
+        backbone_model.trainable = True
+        for layer in backbone_model.layers:
+            layer.trainable = True
+        return sum(1 for layer in backbone_model.layers if layer.weights)
+    if step.blocks is None:
+        return set_trainable_from(backbone_model, params.unfreeze_from)
+    return set_top_blocks_trainable(backbone_model, get_backbone(name), step.blocks)
+
+
 def fine_tune(
-    augmented_dir: Path, model_in: Path, params: FineTuneParams, model_out: Path, history_out: Path
+    augmented_dir: Path,
+    model_in: Path,
+    params: FineTuneParams,
+    model_out: Path,
+    history_out: Path,
+    checkpoint_dir: Path,
+    backbone_weights: str = "imagenet",
 ) -> dict[str, float]:
-    """The fine-tune stage: unfreeze the top blocks and train on at a lower rate."""
+    """The fine-tune stage: unfreeze the top of the backbone and train on at a lower rate.
+
+    ``backbone_weights`` is train_frozen.weights: ``none`` (the from-scratch
+    baseline) trains every layer, BatchNormalization included, at
+    ``scratch_learning_rate``, as there are no pretrained features to protect.
+    """
+    strategy = distribution_strategy(params.distribution)
     seed_everything(params.seed)
+    apply_precision(params.mixed_precision)
     data = load_augmented(augmented_dir)
     n_classes = len(data.classes)
-    model = load_model(model_in)
-    backbone_model, backbone_name = find_backbone(model)
-    with tracking.stage_run("fine-tune", section_dict(params, "fine_tune")):
-        unfrozen = set_top_blocks_trainable(
-            backbone_model, get_backbone(backbone_name), params.unfreeze_blocks
+    scratch = resolve_weights(backbone_weights) is None
+    learning_rate = params.scratch_learning_rate if scratch else params.learning_rate
+    run_params = {**section_dict(params, "fine_tune"), "train_frozen.weights": backbone_weights}
+    checkpoint = Checkpoint(
+        Path(checkpoint_dir),
+        fingerprint(
+            run_params, data_digest(data), digest_files([model_in]) if Path(model_in).exists() else None
+        ),
+    )
+    with tracking.stage_run("fine-tune", run_params):
+        with strategy.scope():
+            model = load_model(model_in)
+        backbone_model, backbone_name = find_backbone(model)
+        weights = class_weights(data.split("train").labels, n_classes, params.class_weight)
+        print(f"fine-tune: {describe_class_weight(weights, data.classes)}")
+        train = image_dataset(
+            data.split("train"), params.batch_size, shuffle_seed=params.seed, targets=_targets(data, "train")
         )
-        print(
-            f"fine-tune: {unfrozen} backbone layers trainable "
-            f"(top {params.unfreeze_blocks} blocks, BatchNormalization frozen)"
-        )
-        compile_for(model, n_classes, params.learning_rate)
-        train = image_dataset(data.split("train"), params.batch_size, shuffle_seed=params.seed)
-        val = image_dataset(data.split("val"), params.batch_size)
-        stop = keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=params.patience, restore_best_weights=True
-        )
-        start = time.perf_counter()
-        initial_val_loss = float(model.evaluate(val, verbose=0, return_dict=True)["loss"])
+        val = image_dataset(data.split("val"), params.batch_size, targets=_targets(data, "val"))
         initial_weights = model.get_weights()
-        history = model.fit(
-            train,
-            validation_data=val,
-            epochs=params.epochs,
-            shuffle=False,  # the dataset reshuffles itself each epoch (seeded); Keras ignores it for datasets
-            callbacks=[stop, MlflowEpochLogger("fine_tune")],
-            verbose=2,
-        )
-        seconds = time.perf_counter() - start
-        rows = write_history(history, history_out)
-        best = best_epoch_metrics(rows)
-        # never hand on a model worse on validation than the one we started from
-        kept_initial = best["best_val_loss"] >= initial_val_loss
-        if kept_initial:
-            model.set_weights(initial_weights)
+        state = checkpoint.load_state() or TrainingState(checkpoint.fingerprint)
+        start = time.perf_counter()
+        unfrozen = 0
+        for step in unfreeze_plan(params):
+            with strategy.scope():
+                unfrozen = unfreeze(backbone_model, backbone_name, params, step, scratch)
+                factor = 1.0 if scratch else params.backbone_lr_factor
+                compile_for(
+                    model, params, n_classes, learning_rate,
+                    lr_factors_for(backbone_model.trainable_variables, factor),
+                )  # fmt: skip
             print(
-                f"fine-tune: no epoch beat the frozen model's val_loss {initial_val_loss:.4f} "
-                f"(best {best['best_val_loss']:.4f}); keeping the frozen model's weights"
+                f"fine-tune: epochs {step.first_epoch + 1}-{step.end_epoch}: {unfrozen} backbone layers "
+                f"trainable ({_unfreeze_description(params, step, scratch)}), learning rate {learning_rate:g}"
+                + (f", backbone x{factor:g}" if factor != 1.0 else "")
             )
-        save_model_atomically(model, model_out)
+            if state.initial_val_loss is None:
+                state.initial_val_loss = float(model.evaluate(val, verbose=0, return_dict=True)["loss"])
+                checkpoint.save_state(state)
+            fit_resumable(
+                model, train, val, (step.first_epoch, step.end_epoch), params,
+                checkpoint, state, weights, learning_rate, "fine_tune",
+            )  # fmt: skip
+        seconds = time.perf_counter() - start
+        best = best_epoch_metrics(state.rows)
+        # never hand on a model worse on validation than the one we started from
+        kept_initial = state.best_val_loss >= state.initial_val_loss
+        if kept_initial:
+            final_weights = initial_weights
+            print(
+                f"fine-tune: no epoch beat the frozen model's val_loss {state.initial_val_loss:.4f} "
+                f"(best {state.best_val_loss:.4f}); keeping the frozen model's weights"
+            )
+        else:
+            final_weights = checkpoint.best_weights()
+        # saved from a fresh copy of the input: the trained model carries its optimizer
+        # (possibly a per-variable-rate one) that a user loading the file has no use for
+        final = load_model(model_in)
+        final.set_weights(final_weights)
+        save_model_atomically(final, model_out)
+        write_history(state.rows, history_out)
+        checkpoint.finish(state)
         metrics = {
             **best,
-            "initial_val_loss": initial_val_loss,
+            "initial_val_loss": state.initial_val_loss,
             "kept_initial_weights": int(kept_initial),
             "train_seconds": seconds,
             "trainable_layers": unfrozen,
         }
         tracking.log_metrics(metrics)
-        tracking.log_keras_model(model, "model", load_images(data.split("val"), 4))
+        tracking.log_keras_model(final, "model", load_images(data.split("val"), 4))
     return metrics
+
+
+def _unfreeze_description(params: FineTuneParams, step: UnfreezeStep, scratch: bool) -> str:
+    if scratch:
+        return "from scratch: every layer, BatchNormalization included"
+    if step.blocks is None:
+        return f"from layer {params.unfreeze_from!r} up, BatchNormalization frozen"
+    return f"top {step.blocks} blocks, BatchNormalization frozen"
