@@ -571,3 +571,34 @@ def test_head_outputs_float32_under_mixed_precision() -> None:
         assert keras.backend.standardize_dtype(out.dtype) == "float32"
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_a_keras_applications_backbone_trains_through_both_phases(tmp_path: Path) -> None:
+    """The zoo's models go through the same code: features, assembly, block-aware unfreezing."""
+    root = make_augmented(tmp_path / "augmented", ["red", "green"], {"train": 4, "val": 2})
+    frozen_params = TrainFrozenParams(backbone="mobilenet_v3_small", weights="none", epochs=1, batch_size=4)
+    training.train_frozen(root, frozen_params, tmp_path / "f.keras", tmp_path / "f.csv", tmp_path / "c1")
+    backbone, name = training.find_backbone(_load(tmp_path / "f.keras"))
+    assert name == "mobilenet_v3_small"
+    params = FineTuneParams(unfreeze_blocks=1, epochs=1, batch_size=4, learning_rate=1e-4)
+    # "imagenet" here only says "treat the backbone as pretrained": top-block unfreezing, not from scratch
+    metrics = training.fine_tune(
+        root,
+        tmp_path / "f.keras",
+        params,
+        tmp_path / "m.keras",
+        tmp_path / "h.csv",
+        tmp_path / "c2",
+        "imagenet",
+    )
+    blocks = get_backbone(name).layer_blocks(backbone)
+    top = get_backbone(name).block_count - 1
+    expected = sum(
+        1
+        for layer in backbone.layers
+        if blocks[layer.name] == top
+        and layer.weights
+        and not isinstance(layer, keras.layers.BatchNormalization)
+    )
+    assert metrics["trainable_layers"] == expected > 0
+    assert _load(tmp_path / "m.keras").output_shape == (None, 1)
