@@ -78,6 +78,9 @@ def run_recipe(name: str, npz: Path, overrides: list[str], log_dir: Path) -> dic
                 cpu[stage] = round(_children_cpu_seconds() - cpu_start, 1)
                 print(f"{name}: {stage} {seconds[stage]}s (CPU {cpu[stage]}s)", file=sys.stderr, flush=True)
         metrics = json.loads((repo / "results/evaluate/metrics.json").read_text())
+        kept = log_dir / name  # the outputs worth a second look, before the copy is deleted
+        shutil.copytree(repo / "results", kept / "results")
+        shutil.copy2(repo / "params.yaml", kept / "params.yaml")
         return {"recipe": name, "overrides": overrides, "seconds": seconds,
                 "total_seconds": round(sum(seconds.values()), 1), "cpu_seconds": cpu,
                 "total_cpu_seconds": round(sum(cpu.values()), 1), "accuracy": metrics["accuracy"],

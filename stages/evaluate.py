@@ -1,4 +1,4 @@
-"""DVC stage `evaluate`: test-split metrics, confusion matrix, ROC and predictions."""
+"""DVC stage `evaluate`: test-split metrics with CIs (threshold chosen on val), plot data and predictions."""
 
 import sys
 

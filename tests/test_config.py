@@ -45,7 +45,17 @@ SECTIONS = {
     "data.demo": ["image_size", "images_per_class", "seed"],
     "data.folder": ["path"],
     "split": ["duplicates", "group_pattern", "seed", "source_splits", "test_fraction", "val_fraction"],
-    "evaluate": ["batch_size"],
+    "evaluate": [
+        "batch_size",
+        "bootstrap_resamples",
+        "calibration_bins",
+        "ci_level",
+        "fixed_threshold",
+        "seed",
+        "target_sensitivity",
+        "threshold",
+        "top_k",
+    ],
 }
 
 

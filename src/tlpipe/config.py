@@ -244,6 +244,17 @@ class FineTuneParams(TrainingPhaseParams):
 
 class EvaluateParams(_Section):
     batch_size: int = Field(64, ge=1)
+    # two classes: how the cut-off on P(class 1) is set. It is chosen on the val split and then
+    # applied to test, so the test metrics stay an honest estimate; more classes take the argmax
+    threshold: Literal["youden", "target_sensitivity", "fixed"] = "youden"
+    target_sensitivity: float = Field(0.95, gt=0.0, le=1.0)  # threshold: target_sensitivity
+    fixed_threshold: float = Field(0.5, ge=0.0, le=1.0)  # threshold: fixed
+    # more than two classes: top-k accuracy, not reported for k = 1 (the accuracy) or k >= classes (1)
+    top_k: int = Field(2, ge=1)
+    calibration_bins: int = Field(10, ge=1, le=1000)  # equal-width bins of the top-class confidence
+    bootstrap_resamples: int = Field(1000, ge=0, le=100_000)  # 0: no confidence intervals
+    ci_level: float = Field(0.95, gt=0.0, lt=1.0)
+    seed: int = 0  # the bootstrap's resampling
 
 
 class Params(_Section):
