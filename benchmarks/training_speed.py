@@ -84,7 +84,13 @@ def fine_tune_images_per_second(backbone, data, params: FineTuneParams, name: st
     n_classes = len(data.classes)
     head = training.build_head(int(backbone.output_shape[-1]), n_classes, 0.2)
     model = training.assemble(backbone, head, n_classes, 0.2)
-    training.unfreeze(backbone, name, params, training.unfreeze_plan(params)[0], scratch=False)
+    training.unfreeze(
+        backbone,
+        name,
+        params,
+        training.unfreeze_plan(params, training.get_backbone(name).block_count)[0],
+        scratch=False,
+    )
     training.compile_for(model, params, n_classes, params.learning_rate)
     train = data.split("train")
     ds = image_dataset(train, params.batch_size, targets=encode_labels(train.labels, n_classes))
@@ -101,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--weights", default="imagenet")
     parser.add_argument("--epochs", type=int, default=10, help="head epochs for both frozen-phase variants")
-    parser.add_argument("--unfreeze-blocks", type=int, default=3)
+    parser.add_argument("--unfreeze-blocks", default="all", help="a number, or all")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if not (args.data / "manifest.csv").is_file():
@@ -112,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     # patience above the epoch count: both variants run every epoch
     frozen = TrainFrozenParams(backbone=args.backbone, weights=args.weights, epochs=args.epochs,
                                patience=args.epochs + 1)  # fmt: skip
-    fine = FineTuneParams(unfreeze_blocks=args.unfreeze_blocks)
+    blocks = args.unfreeze_blocks if args.unfreeze_blocks == "all" else int(args.unfreeze_blocks)
+    fine = FineTuneParams(unfreeze_blocks=blocks)
     backbone = training.build_backbone_model(args.backbone, args.weights, data.image_size)
     n_train, n_val = len(data.split("train").paths), len(data.split("val").paths)
     print(f"{args.backbone} at {data.image_size}px: {n_train} train, {n_val} val images", file=sys.stderr)

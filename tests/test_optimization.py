@@ -16,15 +16,22 @@ from tlpipe.errors import PipelineError
 
 
 def test_constant_schedule_keeps_the_rate() -> None:
-    params = FineTuneParams(epochs=5)
+    params = FineTuneParams(epochs=5, schedule="constant", warmup_epochs=0)
     assert [optimization.epoch_learning_rate(params, 0.1, e) for e in range(5)] == [0.1] * 5
     assert optimization.schedule_callbacks(params, 0.1) == []
 
 
+def test_warmup_then_constant() -> None:
+    params = FineTuneParams(epochs=4, schedule="constant", warmup_epochs=1)
+    assert [optimization.epoch_learning_rate(params, 0.1, e) for e in range(4)] == [0.05, 0.1, 0.1, 0.1]
+
+
 def test_step_schedule_drops_by_the_factor_every_n_epochs() -> None:
-    params = FineTuneParams(epochs=7, schedule="step", decay_every=3, decay_factor=0.5)
+    params = FineTuneParams(epochs=7, schedule="step", decay_every=3, decay_factor=0.5, warmup_epochs=0)
     rates = [optimization.epoch_learning_rate(params, 0.8, e) for e in range(7)]
     assert rates == [0.8, 0.8, 0.8, 0.4, 0.4, 0.4, 0.2]
+    warm = FineTuneParams(epochs=5, schedule="step", decay_every=2, decay_factor=0.5, warmup_epochs=1)
+    assert [optimization.epoch_learning_rate(warm, 0.8, e) for e in range(5)] == [0.4, 0.8, 0.8, 0.4, 0.4]
 
 
 def test_cosine_schedule_warms_up_then_decays_to_the_floor() -> None:
@@ -39,11 +46,11 @@ def test_cosine_schedule_warms_up_then_decays_to_the_floor() -> None:
     assert optimization.epoch_learning_rate(params, 1.0, 6) == pytest.approx(0.01)  # the floor
 
 
-def test_warmup_needs_cosine_and_fewer_epochs() -> None:
-    with pytest.raises(ValueError, match="warmup_epochs needs schedule: cosine"):
-        FineTuneParams(epochs=5, warmup_epochs=1)
-    with pytest.raises(ValueError, match=r"warmup_epochs \(5\) must be below epochs \(5\)"):
-        FineTuneParams(epochs=5, warmup_epochs=5, schedule="cosine")
+def test_warmup_fits_the_epochs_and_not_plateau() -> None:
+    with pytest.raises(ValueError, match="does not combine with schedule: plateau"):
+        FineTuneParams(epochs=5, warmup_epochs=1, schedule="plateau")
+    with pytest.raises(ValueError, match=r"warmup_epochs \(6\) must not exceed epochs \(5\)"):
+        FineTuneParams(epochs=5, warmup_epochs=6)
 
 
 def _tiny_fit(params, callbacks, epochs: int) -> list[float]:
@@ -57,14 +64,16 @@ def _tiny_fit(params, callbacks, epochs: int) -> list[float]:
 
 
 def test_schedule_callbacks_set_the_rate_keras_trains_with() -> None:
-    params = FineTuneParams(epochs=4, schedule="step", decay_every=2, decay_factor=0.5, optimizer="sgd")
+    params = FineTuneParams(
+        epochs=4, schedule="step", decay_every=2, decay_factor=0.5, optimizer="sgd", warmup_epochs=0
+    )
     rates = _tiny_fit(params, optimization.schedule_callbacks(params, 0.1), 4)
     np.testing.assert_allclose(rates, [0.1, 0.1, 0.05, 0.05], rtol=1e-6)
 
 
 def test_plateau_schedule_reduces_after_patience_without_improvement() -> None:
     params = FineTuneParams(
-        epochs=6, schedule="plateau", plateau_patience=1, decay_factor=0.5, optimizer="sgd"
+        epochs=6, schedule="plateau", plateau_patience=1, decay_factor=0.5, optimizer="sgd", warmup_epochs=0
     )
     (callback,) = optimization.schedule_callbacks(params, 0.1)
     assert isinstance(callback, keras.callbacks.ReduceLROnPlateau)

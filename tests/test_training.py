@@ -459,20 +459,24 @@ def test_feature_cache_is_reused_while_backbone_and_images_are_unchanged(
 
 
 def test_gradual_unfreezing_plan() -> None:
-    plan = training.unfreeze_plan(FineTuneParams(unfreeze_blocks=3, unfreeze_every=2, epochs=7))
+    plan = training.unfreeze_plan(FineTuneParams(unfreeze_blocks=3, unfreeze_every=2, epochs=7), 17)
     assert plan == [
         training.UnfreezeStep(0, 2, 1),
         training.UnfreezeStep(2, 4, 2),
         training.UnfreezeStep(4, 7, 3),
     ]
     # more steps than epochs allow: the plan stops where the epochs do
-    short = training.unfreeze_plan(FineTuneParams(unfreeze_blocks=5, unfreeze_every=2, epochs=3))
+    short = training.unfreeze_plan(FineTuneParams(unfreeze_blocks=5, unfreeze_every=2, epochs=3), 17)
     assert short == [training.UnfreezeStep(0, 2, 1), training.UnfreezeStep(2, 3, 2)]
-    assert training.unfreeze_plan(FineTuneParams(unfreeze_blocks=4, epochs=3)) == [
+    assert training.unfreeze_plan(FineTuneParams(unfreeze_blocks=4, epochs=3), 17) == [
         training.UnfreezeStep(0, 3, 4)
     ]
-    assert training.unfreeze_plan(FineTuneParams(unfreeze_from="top_conv", epochs=3)) == [
+    assert training.unfreeze_plan(FineTuneParams(unfreeze_from="top_conv", epochs=3), 17) == [
         training.UnfreezeStep(0, 3, None)
+    ]
+    # "all" means the backbone's own block count
+    assert training.unfreeze_plan(FineTuneParams(unfreeze_blocks="all", epochs=3), 5) == [
+        training.UnfreezeStep(0, 3, 5)
     ]
 
 
@@ -525,7 +529,7 @@ def test_from_scratch_trains_every_layer_batchnorm_included(tri: Trained, tmp_pa
     # the same preparation, one training step: every layer moves, BatchNormalization statistics too
     model = _load(frozen)
     backbone, name = training.find_backbone(model)
-    count = training.unfreeze(backbone, name, params, training.unfreeze_plan(params)[0], scratch=True)
+    count = training.unfreeze(backbone, name, params, training.unfreeze_plan(params, 17)[0], scratch=True)
     assert count == sum(1 for layer in backbone.layers if layer.weights)
     training.compile_for(model, params, 3, 2e-3)
     before = {layer.name: [w.copy() for w in layer.get_weights()] for layer in backbone.layers}

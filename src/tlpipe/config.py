@@ -147,7 +147,7 @@ class SplitParams(_Section):
 
 
 class AugmentParams(_Section):
-    image_size: int = Field(112, ge=32, le=1024)
+    image_size: int = Field(64, ge=32, le=1024)
     copies: int = Field(2, ge=0, le=100)
     seed: int = 42
     horizontal_flip: float = _probability(0.5)
@@ -191,7 +191,7 @@ class TrainingPhaseParams(_Section):
     weight_decay: float = Field(0.0, ge=0.0, lt=1.0)  # decoupled, applied by the optimizer
     clip_norm: float | None = Field(None, gt=0.0)  # clip each gradient to this L2 norm
     schedule: Literal["constant", "cosine", "step", "plateau"] = "constant"
-    warmup_epochs: int = Field(0, ge=0)  # linear warm-up from 0 (cosine schedule)
+    warmup_epochs: int = Field(0, ge=0)  # linear warm-up epochs before the schedule (not plateau)
     decay_every: int = Field(10, ge=1)  # step schedule: epochs between drops
     decay_factor: float = Field(0.1, gt=0.0, lt=1.0)  # step and plateau schedules
     plateau_patience: int = Field(2, ge=1)  # plateau schedule: epochs without improvement
@@ -206,10 +206,10 @@ class TrainingPhaseParams(_Section):
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainingPhaseParams:
-        if self.warmup_epochs >= self.epochs:
-            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be below epochs ({self.epochs})")
-        if self.warmup_epochs and self.schedule != "cosine":
-            raise ValueError(f"warmup_epochs needs schedule: cosine (got schedule: {self.schedule})")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must not exceed epochs ({self.epochs})")
+        if self.warmup_epochs and self.schedule == "plateau":
+            raise ValueError("warmup_epochs does not combine with schedule: plateau (set warmup_epochs: 0)")
         return self
 
 
@@ -221,24 +221,29 @@ class TrainFrozenParams(TrainingPhaseParams):
 
 
 class FineTuneParams(TrainingPhaseParams):
-    unfreeze_blocks: int = Field(3, ge=0)
+    # top backbone blocks to train, or "all" (every block, whatever the backbone has)
+    unfreeze_blocks: int | Literal["all"] = Field("all", union_mode="left_to_right")
     # a backbone layer name: it and every layer above it train (instead of unfreeze_blocks)
     unfreeze_from: str | None = None
     # >0: start with the top block and unfreeze one more every this many epochs (gradual unfreezing)
     unfreeze_every: int = Field(0, ge=0)
-    epochs: int = Field(5, ge=1)
-    learning_rate: float = Field(1e-5, gt=0.0)
+    epochs: int = Field(4, ge=1)
+    learning_rate: float = Field(3e-4, gt=0.0)
+    schedule: Literal["constant", "cosine", "step", "plateau"] = "cosine"
+    warmup_epochs: int = Field(1, ge=0)
     # the backbone learns at learning_rate * backbone_lr_factor, the head at learning_rate
     backbone_lr_factor: float = Field(1.0, gt=0.0, le=1.0)
     # with train_frozen.weights: none there is nothing pretrained to protect: every layer
     # (BatchNormalization included) trains at this rate
     scratch_learning_rate: float = Field(1e-3, gt=0.0)
-    patience: int = Field(2, ge=1)
+    patience: int = Field(3, ge=1)
 
     @model_validator(mode="after")
     def _gradual_needs_blocks(self) -> FineTuneParams:
         if self.unfreeze_every and self.unfreeze_from is not None:
             raise ValueError("unfreeze_every works with unfreeze_blocks, not unfreeze_from")
+        if isinstance(self.unfreeze_blocks, int) and self.unfreeze_blocks < 0:
+            raise ValueError(f"unfreeze_blocks must be >= 0 or 'all', got {self.unfreeze_blocks}")
         return self
 
 

@@ -31,26 +31,26 @@ _OPTIMIZERS = {
 
 
 def epoch_learning_rate(params: TrainingPhaseParams, base_lr: float, epoch: int) -> float:
-    """The learning rate for a 0-based epoch under the step or cosine schedule.
+    """The learning rate for a 0-based epoch: warm-up, then the constant, step or cosine schedule.
 
     Per-epoch rather than per-step, so a run resumed at epoch k continues on the
     same curve without needing the optimizer's step counter.
     """
-    floor = params.min_learning_rate
+    floor, warmup = params.min_learning_rate, params.warmup_epochs
+    if epoch < warmup:  # linear, never 0: a first epoch at rate 0 would be wasted
+        return base_lr * (epoch + 1) / (warmup + 1)
     if params.schedule == "step":
-        return max(floor, base_lr * params.decay_factor ** (epoch // params.decay_every))
+        return max(floor, base_lr * params.decay_factor ** ((epoch - warmup) // params.decay_every))
     if params.schedule == "cosine":
-        if epoch < params.warmup_epochs:
-            return base_lr * (epoch + 1) / (params.warmup_epochs + 1)
         # each epoch trains at the rate of its start: the last one still learns a little
-        progress = min(1.0, (epoch - params.warmup_epochs) / (params.epochs - params.warmup_epochs))
+        progress = min(1.0, (epoch - warmup) / (params.epochs - warmup))
         return floor + (base_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return base_lr
 
 
 def schedule_callbacks(params: TrainingPhaseParams, base_lr: float) -> list[keras.callbacks.Callback]:
     """The Keras callbacks that apply ``params.schedule`` (none for a constant rate)."""
-    if params.schedule in ("step", "cosine"):
+    if params.schedule in ("step", "cosine") or params.warmup_epochs:
         return [keras.callbacks.LearningRateScheduler(lambda e, _lr: epoch_learning_rate(params, base_lr, e))]
     if params.schedule == "plateau":
         return [

@@ -475,14 +475,15 @@ class UnfreezeStep:
     blocks: int | None  # top blocks trainable; None: unfreeze_from (or everything from scratch)
 
 
-def unfreeze_plan(params: FineTuneParams) -> list[UnfreezeStep]:
+def unfreeze_plan(params: FineTuneParams, block_count: int) -> list[UnfreezeStep]:
     """Which blocks train in which epochs: all at once, or one more every ``unfreeze_every``."""
     if params.unfreeze_from is not None:
         return [UnfreezeStep(0, params.epochs, None)]
-    if not params.unfreeze_every or params.unfreeze_blocks <= 1:
-        return [UnfreezeStep(0, params.epochs, params.unfreeze_blocks)]
+    blocks = block_count if params.unfreeze_blocks == "all" else params.unfreeze_blocks
+    if not params.unfreeze_every or blocks <= 1:
+        return [UnfreezeStep(0, params.epochs, blocks)]
     steps = []
-    for i in range(params.unfreeze_blocks):
+    for i in range(blocks):
         first = i * params.unfreeze_every
         if first >= params.epochs:
             break
@@ -547,7 +548,7 @@ def fine_tune(
         state = checkpoint.load_state() or TrainingState(checkpoint.fingerprint)
         start = time.perf_counter()
         unfrozen = 0
-        for step in unfreeze_plan(params):
+        for step in unfreeze_plan(params, get_backbone(backbone_name).block_count):
             with strategy.scope():
                 unfrozen = unfreeze(backbone_model, backbone_name, params, step, scratch)
                 factor = 1.0 if scratch else params.backbone_lr_factor
