@@ -8,6 +8,8 @@ from tlpipe.evaluation import evaluate
 if __name__ == "__main__":
     sys.exit(
         stage_main(
-            "evaluate", ["data", "model", "out"], lambda p, a: evaluate(a.data, a.model, p.evaluate, a.out)
+            "evaluate",
+            ["data", "model", "out"],
+            lambda p, a: evaluate(a.data, a.model, p.evaluate, a.out, p.train_frozen.weights),
         )
     )

@@ -80,7 +80,7 @@ def test_stage_scripts_are_thin():
 
 def test_each_training_and_data_stage_reads_its_own_params_section():
     expected = {"download": ["data"], "split": ["split"], "augment": ["augment"],
-                "train-frozen": ["train_frozen"], "fine-tune": ["fine_tune", "train_frozen.weights"], "evaluate": ["evaluate"]}  # fmt: skip
+                "train-frozen": ["train_frozen"], "fine-tune": ["fine_tune", "train_frozen.weights"], "evaluate": ["evaluate", "train_frozen.weights"]}  # fmt: skip
     for name, params in expected.items():
         assert STAGES[name]["params"] == params
 

@@ -662,7 +662,7 @@ def test_evaluate_logs_an_mlflow_run(tmp_path: Path) -> None:
     classes = ["red (dark)", "green+", "blue"]
     data = make_augmented(tmp_path / "aug", classes, {"test": 2})
     params = EvaluateParams(batch_size=8, bootstrap_resamples=100)
-    evaluate(data, _colour_model(3, tmp_path / "m.keras"), params, tmp_path / "out")
+    evaluate(data, _colour_model(3, tmp_path / "m.keras"), params, tmp_path / "out", "none")
     assert sorted(p.name for p in (tmp_path / "out" / "roc").iterdir()) == [
         "blue.csv",
         "green+.csv",
@@ -672,7 +672,11 @@ def test_evaluate_logs_an_mlflow_run(tmp_path: Path) -> None:
     run = client.get_run(mlflow.last_active_run().info.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["tlpipe.stage"] == "evaluate"
-    assert run.data.params == {f"evaluate.{k}": str(v) for k, v in params.model_dump().items()}
+    assert run.data.tags["tlpipe.weights"] == "none"  # a from-scratch baseline, for the report
+    assert run.data.params == {
+        **{f"evaluate.{k}": str(v) for k, v in params.model_dump().items()},
+        "train_frozen.weights": "none",
+    }
     assert run.data.metrics["accuracy"] == 1.0
     assert run.data.metrics["red _dark_.recall"] == run.data.metrics["green_.precision"] == 1.0
     assert run.data.metrics["blue.support"] == 2

@@ -550,8 +550,18 @@ def write_outputs(
     )
 
 
-def evaluate(augmented_dir: Path, model_path: Path, params: EvaluateParams, out_dir: Path) -> dict:
-    """The evaluate stage: metrics.json, plot data and per-image predictions for the test split."""
+def evaluate(
+    augmented_dir: Path,
+    model_path: Path,
+    params: EvaluateParams,
+    out_dir: Path,
+    backbone_weights: str = "imagenet",
+) -> dict:
+    """The evaluate stage: metrics.json, plot data and per-image predictions for the test split.
+
+    ``backbone_weights`` (train_frozen.weights) tags the MLflow run as ``tlpipe.weights``,
+    so a report can tell a from-scratch baseline (``none``) from a transfer run.
+    """
     from tlpipe.datasets import load_augmented
     from tlpipe.training import load_model
 
@@ -561,7 +571,8 @@ def evaluate(augmented_dir: Path, model_path: Path, params: EvaluateParams, out_
     # only two classes have a threshold to choose, and only a rule other than fixed needs val
     val = data.split("val") if len(names) == 2 and params.threshold != "fixed" else None
     model = load_model(model_path)
-    with tracking.stage_run("evaluate", section_dict(params, "evaluate")):
+    run_params = {**section_dict(params, "evaluate"), "train_frozen.weights": backbone_weights}
+    with tracking.stage_run("evaluate", run_params, tags={"tlpipe.weights": backbone_weights}):
         probs = predict_probabilities(model, test, params.batch_size)
         threshold = None
         if len(names) == 2:

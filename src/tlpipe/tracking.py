@@ -31,14 +31,16 @@ def _quiet_mlflow() -> None:
 
 
 @contextmanager
-def stage_run(stage: str, params: Mapping[str, object]) -> Iterator[object]:
+def stage_run(
+    stage: str, params: Mapping[str, object], tags: Mapping[str, str] | None = None
+) -> Iterator[object]:
     """An MLflow run for one stage, with the params the stage read already logged."""
     import mlflow
 
     _quiet_mlflow()
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment(experiment_name())
-    with mlflow.start_run(run_name=stage, tags={"tlpipe.stage": stage}) as run:
+    with mlflow.start_run(run_name=stage, tags={"tlpipe.stage": stage, **(tags or {})}) as run:
         mlflow.log_params({k: _param_value(v) for k, v in params.items()})
         yield run
 
