@@ -516,9 +516,8 @@ def test_unfreeze_from_a_named_layer(tri: Trained, tmp_path: Path) -> None:
 
 
 def test_from_scratch_trains_every_layer_batchnorm_included(tri: Trained, tmp_path: Path, capsys) -> None:
-    frozen = tmp_path / "scratch_frozen.keras"
-    frozen_params = TrainFrozenParams(weights="none", epochs=1, batch_size=8)
-    training.train_frozen(tri.root, frozen_params, frozen, tmp_path / "f.csv", tmp_path / "c1")
+    # the frozen model's weights do not matter here: the param alone selects from-scratch training
+    frozen = tri.frozen
     params = FineTuneParams(epochs=1, batch_size=8, scratch_learning_rate=2e-3)
     training.fine_tune(
         tri.root, frozen, params, tmp_path / "m.keras", tmp_path / "h.csv", tmp_path / "c2", "none"
