@@ -261,7 +261,9 @@ def compute_features(
         features = np.lib.format.open_memmap(cache, mode="r+")
         print(f"feature cache {cache}: {done} of {n} images already done" + ("" if done < n else ", reused"))
     if done < n:
-        forward = tf.function(lambda x: backbone_model(x, training=False), reduce_retracing=True)
+        # one trace for every batch size (the last batch is smaller): tracing costs seconds
+        spec = tf.TensorSpec((None, *backbone_model.input_shape[1:]), tf.float32)
+        forward = tf.function(lambda x: backbone_model(x, training=False), input_signature=[spec])
         rest = SplitData(data.paths[done:], data.labels[done:], data.rel_paths[done:])
         batches = image_dataset(rest, batch_size, with_labels=False)
         with tqdm(total=n, initial=done, desc=f"features {cache.stem}", unit="img", mininterval=5) as bar:
