@@ -580,7 +580,7 @@ def test_evaluate_writes_metrics_plots_and_predictions(tmp_path: Path) -> None:
         "ci_level",
         "bootstrap_resamples",
     ]
-    assert metrics["ci"]["accuracy"] == [1.0, 1.0]
+    assert metrics["ci"]["accuracy"] == {"low": 1.0, "high": 1.0}
     assert metrics["confusion_matrix"] == [[3, 0, 0], [0, 3, 0], [0, 0, 3]]
     confusion = _read(out / "confusion.csv")
     assert len(confusion) == 9

@@ -49,13 +49,13 @@ METRICS = {
     },
     "confusion_matrix": [[4, 2, 0], [0, 5, 0], [0, 1, 4]],
     "ci": {
-        "accuracy": [0.625, 0.9375],
-        "balanced_accuracy": [0.64, 0.95],
-        "macro_f1": [0.55, 0.91],
-        "roc_auc": [0.8, 0.98],
+        "accuracy": {"low": 0.625, "high": 0.9375},
+        "balanced_accuracy": {"low": 0.64, "high": 0.95},
+        "macro_f1": {"low": 0.55, "high": 0.91},
+        "roc_auc": {"low": 0.8, "high": 0.98},
         "pr_auc": None,  # undefined in every resample: shown without an interval
-        "log_loss": [0.3, 0.6],
-        "brier": [0.15, 0.31],
+        "log_loss": {"low": 0.3, "high": 0.6},
+        "brier": {"low": 0.15, "high": 0.31},
     },
     "ci_level": 0.95,
     "bootstrap_resamples": 1000,
@@ -84,7 +84,11 @@ BINARY = {
         "val_specificity": 0.85,
     },
     "at_0.5": {"accuracy": 0.8667, "balanced_accuracy": 0.85, "sensitivity": 0.85, "specificity": 0.85},
-    "ci": {"accuracy": [0.8, 0.97], "sensitivity": [0.85, 1.0], "specificity": [0.5, 1.0]},
+    "ci": {
+        "accuracy": {"low": 0.8, "high": 0.97},
+        "sensitivity": {"low": 0.85, "high": 1.0},
+        "specificity": {"low": 0.5, "high": 1.0},
+    },
     "ci_level": 0.9,
     "bootstrap_resamples": 200,
 }

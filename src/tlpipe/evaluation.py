@@ -411,7 +411,7 @@ def evaluation_metrics(
         metrics["threshold"] = threshold
         metrics["at_0.5"] = threshold_metrics(y_true, predicted_labels(probs, 0.5), len(classes))
     y_pred = predicted_labels(probs, value)
-    metrics["ci"] = confidence_intervals(
+    intervals = confidence_intervals(
         np.asarray(y_true, dtype=np.int64),
         probs,
         y_pred,
@@ -419,6 +419,8 @@ def evaluation_metrics(
         params.ci_level,
         params.seed,
     )
+    # {low, high} rather than a list: `dvc metrics show/diff` leaves lists out
+    metrics["ci"] = {k: None if v is None else {"low": v[0], "high": v[1]} for k, v in intervals.items()}
     metrics["ci_level"] = params.ci_level
     metrics["bootstrap_resamples"] = params.bootstrap_resamples
     return metrics
@@ -492,7 +494,7 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
         elif key == "ci":
             for name, interval in value.items():
                 if interval is not None:
-                    flat[f"ci.{name}.low"], flat[f"ci.{name}.high"] = interval
+                    flat[f"ci.{name}.low"], flat[f"ci.{name}.high"] = interval["low"], interval["high"]
         elif isinstance(value, dict):
             flat |= {f"{key}.{k}": v for k, v in value.items() if _is_number(v)}
         elif _is_number(value):
@@ -596,7 +598,9 @@ def summary_line(metrics: dict) -> str:
         if value is None:
             return "n/a"
         interval = metrics["ci"].get(name)
-        return f"{value:.4f}" + ("" if interval is None else f" [{interval[0]:.4f}, {interval[1]:.4f}]")
+        return f"{value:.4f}" + (
+            "" if interval is None else f" [{interval['low']:.4f}, {interval['high']:.4f}]"
+        )
 
     parts = [f"accuracy {show('accuracy')}", f"macro F1 {show('macro_f1')}", f"ROC-AUC {show('roc_auc')}"]
     if "threshold" in metrics:

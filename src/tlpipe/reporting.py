@@ -216,9 +216,14 @@ MARKDOWN_METRICS = (
 )
 
 
+def intervals_of(metrics: dict) -> dict[str, tuple[float, float]]:
+    """metrics.json's ``ci`` block ({metric: {low, high}}) as (low, high) pairs; undefined ones left out."""
+    return {k: (v["low"], v["high"]) for k, v in (metrics.get("ci") or {}).items() if v}
+
+
 def headline(metrics: dict, classes: Sequence[str], explained: bool = True) -> list[list[str]]:
     """metric, value, its confidence interval (and, for the HTML, what it says); then the test size."""
-    intervals = metrics.get("ci") or {}
+    intervals = intervals_of(metrics)
     header = ["metric", "value", ci_label(metrics)] + (["what it says"] if explained else [])
     rows = [header]
     for spec in metric_specs(metrics, classes):
@@ -683,7 +688,7 @@ class Comparison:
 
 def figures_from_metrics(metrics: dict, weights: str, source: Path) -> RunFigures:
     numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    intervals = {k: v for k, v in (metrics.get("ci") or {}).items() if v}
+    intervals = intervals_of(metrics)
     return RunFigures(f"this model ({weights})", str(source), numbers, intervals)
 
 
