@@ -515,20 +515,17 @@ def test_unfreeze_from_a_named_layer(tri: Trained, tmp_path: Path) -> None:
     assert _changed_layers(tri.frozen, tmp_path / "m.keras") == {"block15_project_conv", "top_conv"}
 
 
-def test_from_scratch_trains_every_layer_batchnorm_included(tri: Trained, tmp_path: Path, capsys) -> None:
-    # the frozen model's weights do not matter here: the param alone selects from-scratch training
-    frozen = tri.frozen
+def test_from_scratch_trains_every_layer_batchnorm_included(tri: Trained) -> None:
     params = FineTuneParams(epochs=1, batch_size=8, scratch_learning_rate=2e-3)
-    training.fine_tune(
-        tri.root, frozen, params, tmp_path / "m.keras", tmp_path / "h.csv", tmp_path / "c2", "none"
-    )
-    out = capsys.readouterr().out
-    assert "from scratch: every layer, BatchNormalization included), learning rate 0.002" in out
+    step = training.unfreeze_plan(params, 17)[0]
+    assert training.phase_learning_rate(params, scratch=True) == 2e-3
+    assert training.phase_learning_rate(params, scratch=False) == params.learning_rate
+    assert "BatchNormalization included" in training._unfreeze_description(params, step, scratch=True)
 
-    # the same preparation, one training step: every layer moves, BatchNormalization statistics too
-    model = _load(frozen)
+    # the preparation fine_tune makes, then one training step: every layer moves, BN statistics too
+    model = _load(tri.frozen)
     backbone, name = training.find_backbone(model)
-    count = training.unfreeze(backbone, name, params, training.unfreeze_plan(params, 17)[0], scratch=True)
+    count = training.unfreeze(backbone, name, params, step, scratch=True)
     assert count == sum(1 for layer in backbone.layers if layer.weights)
     training.compile_for(model, params, 3, 2e-3)
     before = {layer.name: [w.copy() for w in layer.get_weights()] for layer in backbone.layers}

@@ -528,7 +528,7 @@ def fine_tune(
     data = load_augmented(augmented_dir)
     n_classes = len(data.classes)
     scratch = resolve_weights(backbone_weights) is None
-    learning_rate = params.scratch_learning_rate if scratch else params.learning_rate
+    learning_rate = phase_learning_rate(params, scratch)
     run_params = {**section_dict(params, "fine_tune"), "train_frozen.weights": backbone_weights}
     checkpoint = Checkpoint(
         Path(checkpoint_dir),
@@ -599,6 +599,10 @@ def fine_tune(
         tracking.log_metrics(metrics)
         tracking.log_keras_model(final, "model", load_images(data.split("val"), 4))
     return metrics
+
+
+def phase_learning_rate(params: FineTuneParams, scratch: bool) -> float:
+    return params.scratch_learning_rate if scratch else params.learning_rate
 
 
 def _unfreeze_description(params: FineTuneParams, step: UnfreezeStep, scratch: bool) -> str:
