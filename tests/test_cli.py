@@ -111,3 +111,22 @@ def test_stage_script_prints_no_traceback(tmp_path: Path) -> None:
     assert "evaluate.batch_size" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_unreachable_tracking_server_fails_before_any_output(tmp_path: Path) -> None:
+    """The real download stage with MLFLOW_TRACKING_URI pointing nowhere: one line, exit 1, nothing written."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+    args = ["--params", _params(tmp_path), "--out", str(tmp_path / "raw")]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "stages" / "download.py"), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    lines = _error_lines(result.stderr, "download")
+    assert len(lines) == 1 and "http://127.0.0.1:9 is unreachable" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "raw").exists()

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from tlpipe import tracking
 from tlpipe.config import Params, load_params
 from tlpipe.errors import PipelineError
 
@@ -28,6 +29,7 @@ def stage_main(
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
+        tracking.check_reachable()  # before any work: nothing is written if the server is down
         run(params, args)
     except USER_ERRORS as err:
         print(f"{stage}: error: {err}", file=sys.stderr)

@@ -24,6 +24,33 @@ def experiment_name() -> str:
     return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
 
+def check_reachable(uri: str | None = None, timeout: float = 5.0) -> None:
+    """Fail fast, before a stage does any work, when an MLflow tracking server does not answer.
+
+    Otherwise the stage would train for minutes and fail when it logs, and its
+    run would be lost. Local stores (sqlite, files) need no check.
+    """
+    import urllib.error
+    import urllib.request
+
+    from tlpipe.errors import PipelineError
+
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    health = uri.rstrip("/") + "/health"  # the MLflow server's liveness endpoint
+    try:
+        with urllib.request.urlopen(health, timeout=timeout) as response:
+            response.read(64)
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise PipelineError(
+            f"MLflow tracking server {uri} is unreachable ({reason}); start it "
+            "(e.g. `mlflow server --host 127.0.0.1 --port 5000`) or set MLFLOW_TRACKING_URI "
+            f"to a reachable server, or unset it to use the local store {DEFAULT_TRACKING_URI}"
+        ) from None
+
+
 def _quiet_mlflow() -> None:
     # alembic prints a dozen INFO lines on the first use of a new store
     for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
