@@ -26,6 +26,13 @@ def _error_lines(stderr: str, stage: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith(f"{stage}: error: ")]
 
 
+def _run_script(script: str, args: list[str], **env: str) -> subprocess.CompletedProcess:
+    """A real stage script, as DVC runs it: exit status and output."""
+    environment = {**os.environ, "PYTHONPATH": str(REPO / "src"), **env}
+    command = [sys.executable, str(REPO / "stages" / script), *args]
+    return subprocess.run(command, check=False, capture_output=True, text=True, env=environment, timeout=120)
+
+
 def _never(params, args):  # pragma: no cover - must not be reached
     raise AssertionError("the stage ran despite bad input")
 
@@ -95,17 +102,9 @@ def test_other_exceptions_are_bugs_and_propagate(tmp_path: Path) -> None:
 
 def test_stage_script_prints_no_traceback(tmp_path: Path) -> None:
     """The real script end to end: exit status and stderr as DVC shows them."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TF_CPP_MIN_LOG_LEVEL": "3"}
     bad = _params(tmp_path, "evaluate:\n  batch_size: -1\n")
     args = ["--params", bad, "--data", "d", "--model", "m", "--out", str(tmp_path / "o")]
-    result = subprocess.run(
-        [sys.executable, str(REPO / "stages" / "evaluate.py"), *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    result = _run_script("evaluate.py", args, TF_CPP_MIN_LOG_LEVEL="3")
     assert result.returncode == 1
     assert len(_error_lines(result.stderr, "evaluate")) == 1
     assert "evaluate.batch_size" in result.stderr
@@ -115,16 +114,8 @@ def test_stage_script_prints_no_traceback(tmp_path: Path) -> None:
 
 def test_unreachable_tracking_server_fails_before_any_output(tmp_path: Path) -> None:
     """The real download stage with MLFLOW_TRACKING_URI pointing nowhere: one line, exit 1, nothing written."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
     args = ["--params", _params(tmp_path), "--out", str(tmp_path / "raw")]
-    result = subprocess.run(
-        [sys.executable, str(REPO / "stages" / "download.py"), *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    result = _run_script("download.py", args, MLFLOW_TRACKING_URI="http://127.0.0.1:9")
     assert result.returncode == 1
     lines = _error_lines(result.stderr, "download")
     assert len(lines) == 1 and "http://127.0.0.1:9 is unreachable" in lines[0]

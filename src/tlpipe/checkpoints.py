@@ -12,14 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import keras
 import numpy as np
+
+from tlpipe.manifest import atomic_write
 
 STATE = "state.json"
 LAST_WEIGHTS = "last_weights.npz"
@@ -57,18 +57,12 @@ class TrainingState:
     complete: bool = False
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _save_arrays(path: Path, arrays: list[np.ndarray]) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
             np.savez(fh, *arrays)
 
-    _atomic_write_bytes(path, write)
+    atomic_write(path, write)
 
 
 def _load_arrays(path: Path) -> list[np.ndarray]:
@@ -109,7 +103,7 @@ class Checkpoint:
     def save_state(self, state: TrainingState) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         text = json.dumps(asdict(state), indent=1)
-        _atomic_write_bytes(self.directory / STATE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        atomic_write(self.directory / STATE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def save_epoch(self, model: keras.Model, state: TrainingState, improved: bool) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -179,7 +173,3 @@ class ResumableEarlyStopping(keras.callbacks.Callback):
             state.stopped_early = True
             self.model.stop_training = True
         self.checkpoint.save_epoch(self.model, state, improved)
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -8,7 +8,7 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,6 +44,18 @@ def read_json(path: Path) -> object:
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: not found; run the stage that produces it first")
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Call ``write`` on a temporary name beside ``path``, then rename it into place.
+
+    A kill leaves the previous file (or none), never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 @contextmanager

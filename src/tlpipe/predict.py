@@ -54,8 +54,6 @@ def load_pixels(path: Path, size: int) -> np.ndarray:
 
 def predict_rows(model, files: Sequence[Path], classes: list[str], progress: bool) -> Iterator[dict]:
     """One CSV row per file: predicted class and probabilities, or the reason it was unreadable."""
-    from tlpipe.training import class_probabilities
-
     size = int(model.input_shape[1])
     batch: list[tuple[Path, np.ndarray]] = []
     with tqdm(total=len(files), unit="img", disable=not progress, file=sys.stderr) as bar:
@@ -66,12 +64,14 @@ def predict_rows(model, files: Sequence[Path], classes: list[str], progress: boo
                 yield {"path": str(path), "predicted": "", "error": str(err)}
             bar.update(1)
             if len(batch) == BATCH:
-                yield from _classify(model, batch, classes, class_probabilities)
+                yield from _classify(model, batch, classes)
                 batch = []
-        yield from _classify(model, batch, classes, class_probabilities)
+        yield from _classify(model, batch, classes)
 
 
-def _classify(model, batch, classes, class_probabilities) -> Iterator[dict]:
+def _classify(model, batch: list[tuple[Path, np.ndarray]], classes: list[str]) -> Iterator[dict]:
+    from tlpipe.training import class_probabilities  # TensorFlow: only once there is something to classify
+
     if not batch:
         return
     probs = class_probabilities(model.predict(np.stack([pixels for _, pixels in batch]), verbose=0))

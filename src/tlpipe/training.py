@@ -35,6 +35,7 @@ from tlpipe.config import FineTuneParams, TrainFrozenParams, TrainingPhaseParams
 from tlpipe.datasets import AugmentedData, SplitData, image_dataset, load_augmented, load_images
 from tlpipe.devices import apply_precision, distribution_strategy
 from tlpipe.errors import PipelineError
+from tlpipe.manifest import atomic_write
 from tlpipe.optimization import (
     class_weights,
     encode_labels,
@@ -91,13 +92,14 @@ class MlflowEpochLogger(keras.callbacks.Callback):
 def write_history(rows: list[dict], path: Path) -> None:
     """One row per epoch, across every run that contributed (a resumed run included)."""
     keys = ["epoch", *(k for k in rows[0] if k != "epoch")] if rows else ["epoch"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=keys, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=keys, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(Path(path), write)
 
 
 def save_model_atomically(model: keras.Model, path: Path) -> None:
@@ -272,7 +274,8 @@ def compute_features(
                 features[done : done + len(out)] = out
                 features.flush()
                 done += len(out)
-                _write_json(progress_path, {"key": key, "rows": done, "total": n})
+                progress = json.dumps({"key": key, "rows": done, "total": n})
+                atomic_write(progress_path, lambda tmp, text=progress: tmp.write_text(text, encoding="utf-8"))
                 bar.update(len(out))
     del features
     return np.load(cache, mmap_mode="r")
@@ -286,12 +289,6 @@ def _cached_rows(progress_path: Path, key: str, n: int) -> int:
     if progress.get("key") != key or progress.get("total") != n:
         return 0
     return int(progress.get("rows", 0))
-
-
-def _write_json(path: Path, value: object) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(value), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def feature_dataset(
