@@ -15,7 +15,8 @@ from tlpipe.errors import PipelineError
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 SECTIONS = {
-    "": ["augment", "data", "evaluate", "fine_tune", "split", "train_frozen"],
+    "": ["augment", "data", "evaluate", "fine_tune", "registry", "split", "train_frozen"],
+    "registry": ["margin", "metric", "model_name"],
     "augment": [
         "brightness_limit",
         "contrast_limit",

@@ -16,7 +16,8 @@ from PIL import Image
 
 from tlpipe import training
 from tlpipe.augmentation import resize_transform
-from tlpipe.predict import main, predict
+from tlpipe.commands import main
+from tlpipe.predict import predict
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["red", "blue"]

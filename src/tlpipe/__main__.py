@@ -1,7 +1,7 @@
-"""``python -m tlpipe predict ...``: the same as the ``tlpipe`` command."""
+"""``python -m tlpipe COMMAND ...``: the same as the ``tlpipe`` command."""
 
 import sys
 
-from tlpipe.predict import main
+from tlpipe.commands import main
 
 sys.exit(main())

@@ -262,6 +262,29 @@ class EvaluateParams(_Section):
     seed: int = 0  # the bootstrap's resampling
 
 
+# the test metrics a promotion can be decided on, and whether higher is better
+PROMOTION_METRICS = {
+    "roc_auc": True,
+    "pr_auc": True,
+    "accuracy": True,
+    "balanced_accuracy": True,
+    "macro_f1": True,
+    "weighted_f1": True,
+    "log_loss": False,
+    "brier": False,
+    "ece": False,
+}
+
+
+class RegistryParams(_Section):
+    # the MLflow registered model that `tlpipe promote` adds versions to
+    model_name: str = Field("tlpipe-classifier", min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][\w.\- ]*$")
+    # the test metric (results/evaluate/metrics.json) the challenger must win on
+    metric: Literal[tuple(PROMOTION_METRICS)] = "roc_auc"
+    # the challenger becomes champion only when it beats the champion by more than this
+    margin: float = Field(0.0, ge=0.0, le=1.0)
+
+
 class Params(_Section):
     data: DataParams = DataParams()
     split: SplitParams = SplitParams()
@@ -269,6 +292,7 @@ class Params(_Section):
     train_frozen: TrainFrozenParams = TrainFrozenParams()
     fine_tune: FineTuneParams = FineTuneParams()
     evaluate: EvaluateParams = EvaluateParams()
+    registry: RegistryParams = RegistryParams()
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

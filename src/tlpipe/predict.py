@@ -109,24 +109,19 @@ def predict(model_path: Path, paths: Sequence[str], classes_path: Path, out) -> 
     return done, failed
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tlpipe", description="tlpipe command-line tools")
-    commands = parser.add_subparsers(dest="command", required=True)
-    cmd = commands.add_parser("predict", help="classify image files or folders; CSV to stdout or --out")
-    cmd.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
-    cmd.add_argument("--model", type=Path, default=Path("models/model.keras"))
-    cmd.add_argument("--classes", type=Path, default=Path("data/augmented/classes.json"))
-    cmd.add_argument("--out", type=Path, default=None, help="CSV file (default: standard output)")
-    args = parser.parse_args(argv)
-    try:
-        if args.out is None:
-            done, failed = predict(args.model, args.paths, args.classes, sys.stdout)
-        else:
-            with open(args.out, "w", newline="", encoding="utf-8") as fh:
-                done, failed = predict(args.model, args.paths, args.classes, fh)
-    except (PipelineError, FileNotFoundError) as err:
-        print(f"tlpipe predict: error: {err}", file=sys.stderr)
-        return 1
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
+    parser.add_argument("--model", type=Path, default=Path("models/model.keras"))
+    parser.add_argument("--classes", type=Path, default=Path("data/augmented/classes.json"))
+    parser.add_argument("--out", type=Path, default=None, help="CSV file (default: standard output)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.out is None:
+        done, failed = predict(args.model, args.paths, args.classes, sys.stdout)
+    else:
+        with open(args.out, "w", newline="", encoding="utf-8") as fh:
+            done, failed = predict(args.model, args.paths, args.classes, fh)
     note = f"; {failed} unreadable (see the error column)" if failed else ""
     print(f"tlpipe predict: {done} images classified{note}", file=sys.stderr)
     return 0
