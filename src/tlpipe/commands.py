@@ -17,8 +17,14 @@ from tlpipe.errors import PipelineError
 # name -> (module, one-line help)
 COMMANDS = {
     "predict": ("tlpipe.predict", "classify image files or folders; CSV to stdout or --out"),
-    "promote": ("tlpipe.registry", "register the evaluated model as challenger; promote it to champion if it wins"),
-    "retrain": ("tlpipe.retrain", "dvc pull, dvc repro, promotion gate, dvc push: the scheduled retraining job"),
+    "promote": (
+        "tlpipe.registry",
+        "register the evaluated model as challenger; promote it to champion if it wins",
+    ),
+    "retrain": (
+        "tlpipe.retrain",
+        "dvc pull, dvc repro, promotion gate, dvc push: the scheduled retraining job",
+    ),
 }
 
 

@@ -278,7 +278,9 @@ PROMOTION_METRICS = {
 
 class RegistryParams(_Section):
     # the MLflow registered model that `tlpipe promote` adds versions to
-    model_name: str = Field("tlpipe-classifier", min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][\w.\- ]*$")
+    model_name: str = Field(
+        "tlpipe-classifier", min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][\w.\- ]*$"
+    )
     # the test metric (results/evaluate/metrics.json) the challenger must win on
     metric: Literal[tuple(PROMOTION_METRICS)] = "roc_auc"
     # the challenger becomes champion only when it beats the champion by more than this

@@ -1,0 +1,85 @@
+"""Helpers for tests that run the real pipeline in a temporary copy of the repository."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ["download", "split", "augment", "train-frozen", "fine-tune", "evaluate", "report"]
+
+TINY_PARAMS = {
+    "data": {"demo": {"images_per_class": 8, "image_size": 32}},
+    "split": {"val_fraction": 0.25, "test_fraction": 0.25},
+    "augment": {"image_size": 32, "copies": 1},
+    "train_frozen": {"epochs": 2, "batch_size": 16, "patience": 1},
+    "fine_tune": {"epochs": 1, "batch_size": 16, "unfreeze_blocks": 1},
+}
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def edit_params(repo: Path, override: dict) -> None:
+    path = repo / "params.yaml"
+    path.write_text(yaml.safe_dump(merge(yaml.safe_load(path.read_text()), override), sort_keys=False))
+
+
+def copy_repo(dest: Path) -> None:
+    """The files a fresh clone would have (tracked and new, not ignored), as in the working tree."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO, check=True, capture_output=True, text=True,
+    ).stdout.split("\0")  # fmt: skip
+    for rel in filter(None, listed):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    git = ["git", "-c", "user.name=tlpipe-tests", "-c", "user.email=tests@tlpipe.invalid"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
+
+
+def dvc_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", *args],
+        cwd=repo,
+        env=dvc_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def stages_run(proc: subprocess.CompletedProcess) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", proc.stdout + proc.stderr)
+
+
+def declared_outputs(repo: Path) -> list[str]:
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text())
+    paths = []
+    for stage in spec["stages"].values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                paths.append(next(iter(entry)) if isinstance(entry, dict) else entry)
+    return paths
