@@ -9,7 +9,8 @@ if __name__ == "__main__":
     sys.exit(
         stage_main(
             "augment",
-            ["images", "split", "out"],
+            ["images", "split"],
+            ["out"],
             lambda p, a: augment_dataset(a.images, a.split, p.augment, a.out),
         )
     )

@@ -6,4 +6,4 @@ from tlpipe.cli import stage_main
 from tlpipe.sources import download
 
 if __name__ == "__main__":
-    sys.exit(stage_main("download", ["out"], lambda p, a: download(p.data, a.out)))
+    sys.exit(stage_main("download", [], ["out"], lambda p, a: download(p.data, a.out)))

@@ -9,7 +9,8 @@ if __name__ == "__main__":
     sys.exit(
         stage_main(
             "evaluate",
-            ["data", "model", "out"],
+            ["data", "model"],
+            ["out"],
             lambda p, a: evaluate(a.data, a.model, p.evaluate, a.out, p.train_frozen.weights),
         )
     )

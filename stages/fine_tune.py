@@ -9,9 +9,11 @@ if __name__ == "__main__":
     sys.exit(
         stage_main(
             "fine-tune",
-            ["data", "model-in", "model", "history", "checkpoints"],
+            ["data", "model-in"],
+            ["model", "history"],
             lambda p, a: fine_tune(
                 a.data, a.model_in, p.fine_tune, a.model, a.history, a.checkpoints, p.train_frozen.weights
             ),
+            state=["checkpoints"],
         )
     )

@@ -9,8 +9,16 @@ if __name__ == "__main__":
     sys.exit(
         stage_main(
             "report",
-            ["evaluation", "frozen-history", "fine-history", "augmented", "model", "split-summary"]
-            + ["quarantine", "html", "markdown"],
+            [
+                "evaluation",
+                "frozen-history",
+                "fine-history",
+                "augmented",
+                "model",
+                "split-summary",
+                "quarantine",
+            ],
+            ["html", "markdown"],
             report_stage,
         )
     )

@@ -9,7 +9,8 @@ if __name__ == "__main__":
     sys.exit(
         stage_main(
             "split",
-            ["raw", "out", "summary"],
+            ["raw"],
+            ["out", "summary"],
             lambda p, a: split_dataset(a.raw, p.split, a.out, a.summary),
         )
     )

@@ -9,7 +9,9 @@ if __name__ == "__main__":
     sys.exit(
         stage_main(
             "train-frozen",
-            ["data", "model", "history", "checkpoints"],
+            ["data"],
+            ["model", "history"],
             lambda p, a: train_frozen(a.data, p.train_frozen, a.model, a.history, a.checkpoints),
+            state=["checkpoints"],
         )
     )

@@ -40,7 +40,7 @@ def _never(params, args):  # pragma: no cover - must not be reached
 def test_runs_the_stage_with_validated_params_and_path_args(tmp_path: Path) -> None:
     seen = []
     argv = ["--params", _params(tmp_path), "--model-in", "m/in.keras", "--out", "o"]
-    assert stage_main("fine-tune", ["model-in", "out"], lambda p, a: seen.append((p, a)), argv) == 0
+    assert stage_main("fine-tune", ["model-in"], ["out"], lambda p, a: seen.append((p, a)), argv) == 0
     [(params, args)] = seen
     assert isinstance(params, Params) and params.fine_tune.epochs == 3
     assert args.model_in == Path("m/in.keras") and args.out == Path("o")
@@ -48,7 +48,7 @@ def test_runs_the_stage_with_validated_params_and_path_args(tmp_path: Path) -> N
 
 def test_invalid_params_exit_1_with_one_line_naming_the_key(tmp_path: Path, capsys) -> None:
     argv = ["--params", _params(tmp_path, "train_frozen:\n  epochs: 0\n"), "--out", "o"]
-    assert stage_main("train-frozen", ["out"], _never, argv) == 1
+    assert stage_main("train-frozen", [], ["out"], _never, argv) == 1
     err = capsys.readouterr().err
     [line] = _error_lines(err, "train-frozen")
     assert "params.yaml" in line
@@ -58,7 +58,7 @@ def test_invalid_params_exit_1_with_one_line_naming_the_key(tmp_path: Path, caps
 
 def test_unknown_key_is_named(tmp_path: Path, capsys) -> None:
     argv = ["--params", _params(tmp_path, "evaluate:\n  batchsize: 8\n"), "--out", "o"]
-    assert stage_main("evaluate", ["out"], _never, argv) == 1
+    assert stage_main("evaluate", [], ["out"], _never, argv) == 1
     err = capsys.readouterr().err
     assert len(_error_lines(err, "evaluate")) == 1
     assert "evaluate.batchsize: unknown key" in err and "batch_size" in err
@@ -66,14 +66,14 @@ def test_unknown_key_is_named(tmp_path: Path, capsys) -> None:
 
 def test_missing_params_file_exits_1(tmp_path: Path, capsys) -> None:
     argv = ["--params", str(tmp_path / "nope.yaml"), "--out", "o"]
-    assert stage_main("split", ["out"], _never, argv) == 1
+    assert stage_main("split", [], ["out"], _never, argv) == 1
     [line] = _error_lines(capsys.readouterr().err, "split")
     assert "nope.yaml: no such file" in line
 
 
 def test_missing_path_argument_exits_via_argparse(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_:
-        stage_main("evaluate", ["data", "model"], _never, ["--params", _params(tmp_path), "--data", "d"])
+        stage_main("evaluate", ["data", "model"], [], _never, ["--params", _params(tmp_path), "--data", "d"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "usage: stages/evaluate.py" in err and "--model" in err and "required" in err
@@ -86,7 +86,7 @@ def test_user_errors_from_the_stage_are_one_line(tmp_path: Path, capsys, error: 
     def run(params, args):
         raise error
 
-    assert stage_main("fine-tune", ["out"], run, ["--params", _params(tmp_path), "--out", "o"]) == 1
+    assert stage_main("fine-tune", [], ["out"], run, ["--params", _params(tmp_path), "--out", "o"]) == 1
     captured = capsys.readouterr()
     assert captured.err == f"fine-tune: error: {error}\n"
     assert captured.out == ""
@@ -97,7 +97,7 @@ def test_other_exceptions_are_bugs_and_propagate(tmp_path: Path) -> None:
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        stage_main("report", ["out"], run, ["--params", _params(tmp_path), "--out", "o"])
+        stage_main("report", [], ["out"], run, ["--params", _params(tmp_path), "--out", "o"])
 
 
 def test_stage_script_prints_no_traceback(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from tlpipe.manifest import atomic_write
+from tlpipe.manifest import atomic_write, json_digest
 
 STATE = "state.json"
 LAST_WEIGHTS = "last_weights.npz"
@@ -29,8 +29,7 @@ BEST_WEIGHTS = "best_weights.npz"
 
 def fingerprint(*parts: object) -> str:
     """A digest of everything a checkpoint depends on (params, input digests...)."""
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return json_digest(parts)
 
 
 def digest_files(paths: Iterable[str | Path]) -> str:

@@ -358,3 +358,12 @@ def section_dict(section: BaseModel, prefix: str) -> dict[str, object]:
         else:
             flat[name] = value
     return flat
+
+
+# the sections DVC stages read; registry is read by `tlpipe promote`, after the pipeline
+PIPELINE_SECTIONS = ("data", "split", "augment", "train_frozen", "fine_tune", "evaluate")
+
+
+def flat_params(params: Params, sections: tuple[str, ...] = tuple(Params.model_fields)) -> dict[str, object]:
+    """Every key of the given sections (default: all), as dotted names."""
+    return {k: v for name in sections for k, v in section_dict(getattr(params, name), name).items()}

@@ -24,7 +24,7 @@ from sklearn.metrics import (
 
 from tlpipe import tracking
 from tlpipe.config import EvaluateParams, section_dict
-from tlpipe.manifest import atomic_dir, write_csv, write_json
+from tlpipe.manifest import atomic_dir, path_digest, write_csv, write_json
 
 # the metrics that get bootstrap confidence intervals (sensitivity and specificity: two classes only)
 CI_METRICS = (
@@ -574,7 +574,9 @@ def evaluate(
     val = data.split("val") if len(names) == 2 and params.threshold != "fixed" else None
     model = load_model(model_path)
     run_params = {**section_dict(params, "evaluate"), "train_frozen.weights": backbone_weights}
-    with tracking.stage_run("evaluate", run_params, tags={"tlpipe.weights": backbone_weights}):
+    # the model's digest: how `tlpipe promote` finds the run that evaluated it
+    run_tags = {"tlpipe.weights": backbone_weights, "tlpipe.model_digest": path_digest(model_path)}
+    with tracking.stage_run("evaluate", run_params, tags=run_tags):
         probs = predict_probabilities(model, test, params.batch_size)
         threshold = None
         if len(names) == 2:
@@ -587,6 +589,7 @@ def evaluate(
         with atomic_dir(Path(out_dir)) as scratch:
             write_outputs(scratch, test, probs, y_pred, metrics, names, params.calibration_bins)
         tracking.log_metrics(flat_metrics(metrics))
+        tracking.log_pipeline_metrics(flat_metrics(metrics))
         tracking.log_artifact(str(Path(out_dir) / "metrics.json"))
     print(summary_line(metrics))
     return metrics

@@ -19,6 +19,31 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def json_digest(value: object) -> str:
+    """sha256 of a JSON-able value, independent of key order."""
+    return sha256_bytes(json.dumps(value, sort_keys=True, default=str).encode())
+
+
+def path_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes, or of a folder's files (relative names and bytes, sorted).
+
+    Independent of where the folder lies, so the same data copied elsewhere has
+    the same digest.
+    """
+    path = Path(path)
+    if path.is_file():
+        return _file_sha256(path)
+    h = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(file.relative_to(path).as_posix().encode() + b"\0" + _file_sha256(file).encode())
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 def write_csv(path: Path, rows: Iterable[dict], fields: Iterable[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # utf-8 always: labels are folder names, and the locale's encoding may not hold them

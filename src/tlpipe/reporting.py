@@ -29,7 +29,7 @@ import yaml
 from PIL import Image
 
 from tlpipe import tracking
-from tlpipe.config import Params, section_dict
+from tlpipe.config import PIPELINE_SECTIONS, Params, flat_params
 from tlpipe.errors import PipelineError
 from tlpipe.gradcam import gradcam_maps, overlay, png_data_uri
 from tlpipe.manifest import read_csv, read_json
@@ -995,7 +995,7 @@ def write_report(
         model_path,
         dataset,
         comparison_section(this, comparison),
-        yaml.safe_dump(params.model_dump(), sort_keys=False),
+        yaml.safe_dump(params.model_dump(include=set(PIPELINE_SECTIONS)), sort_keys=False),
     )
     for path, text in (
         (html_out, render_html(classes, sections)),
@@ -1003,10 +1003,7 @@ def write_report(
     ):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text, encoding="utf-8")  # what the HTML declares, whatever the locale
-    flat_params = {
-        k: v for name in Params.model_fields for k, v in section_dict(getattr(params, name), name).items()
-    }
-    with tracking.stage_run("report", flat_params):
+    with tracking.stage_run("report", flat_params(params, PIPELINE_SECTIONS)):
         tracking.log_metrics({k: metrics[k] for k in ("accuracy", "macro_f1") if metrics.get(k) is not None})
         tracking.log_artifact(str(html_out))
         tracking.log_artifact(str(markdown_out))
