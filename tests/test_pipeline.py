@@ -65,8 +65,8 @@ def test_mlflow_holds_one_run_per_stage_and_both_models(pipeline):
     runs = client.search_runs([experiment.experiment_id])
     by_stage = {}
     for run in runs:
-        by_stage.setdefault(run.data.tags["tlpipe.stage"], []).append(run)
-    assert sorted(by_stage) == sorted(STAGES)
+        by_stage.setdefault(run.data.tags.get("tlpipe.stage", "(pipeline)"), []).append(run)
+    assert sorted(by_stage) == sorted([*STAGES, "(pipeline)"])
     assert all(len(v) == 1 for v in by_stage.values())
     assert by_stage["train-frozen"][0].data.params["train_frozen.epochs"] == "2"
     assert "accuracy" in by_stage["evaluate"][0].data.metrics
@@ -76,6 +76,56 @@ def test_mlflow_holds_one_run_per_stage_and_both_models(pipeline):
     sources = {m.source_run_id for m in models}
     for stage in ("train-frozen", "fine-tune"):
         assert by_stage[stage][0].info.run_id in sources
+
+
+def _client(repo: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    return client, client.get_experiment_by_name("tlpipe").experiment_id
+
+
+def _executions(repo: Path) -> list:
+    """Pipeline runs, oldest first, each with its stage runs."""
+    client, experiment = _client(repo)
+    runs = client.search_runs([experiment], order_by=["attributes.start_time ASC"])
+    parents = [r for r in runs if r.data.tags.get("tlpipe.role") == "pipeline"]
+    return [
+        (
+            p,
+            {
+                r.data.tags["tlpipe.stage"]: r
+                for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == p.info.run_id
+            },
+        )
+        for p in parents
+    ]
+
+
+def test_one_repro_is_one_pipeline_run_tagged_with_its_commit(pipeline):
+    repo, _ = pipeline
+    ((parent, children),) = _executions(repo)
+    assert sorted(children) == sorted(STAGES)
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert parent.data.tags["tlpipe.git_commit"] == head
+    assert parent.data.tags["tlpipe.git_dirty"] == "true"  # params.yaml was edited after the commit
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["train_frozen.epochs"] == "2" and "accuracy" in parent.data.metrics
+    for stage, run in children.items():
+        assert run.data.tags["tlpipe.git_commit"] == head
+        assert {"tlpipe.params_digest", "tlpipe.data_digest"} <= set(run.data.tags), stage
+    # each stage's inputs link to the runs that wrote them
+    assert (
+        children["fine-tune"].data.tags["tlpipe.input_run.models/frozen.keras"]
+        == children["train-frozen"].info.run_id
+    )
+    assert children["split"].data.tags["tlpipe.input_run.data/raw"] == children["download"].info.run_id
+    (dataset,) = children["train-frozen"].inputs.dataset_inputs
+    assert dataset.dataset.name == "data/augmented" and len(dataset.dataset.digest) == 32
+    assert any(t.key == "mlflow.data.context" and t.value == "training" for t in dataset.tags)
 
 
 def test_second_repro_runs_nothing(pipeline):
@@ -89,6 +139,11 @@ def test_changing_fine_tune_params_reruns_only_what_follows(pipeline):
     repo, _ = pipeline
     edit_params(repo, {"fine_tune": {"learning_rate": 5e-5}})
     assert stages_run(dvc(repo, "repro")) == ["fine-tune", "evaluate", "report"]
+    (_, first_children), (parent, children) = _executions(repo)
+    assert sorted(children) == ["evaluate", "fine-tune", "report"]
+    # the stages DVC skipped point at the runs of the first execution that produced their outputs
+    for stage in ("augment", "train-frozen", "split", "download"):
+        assert parent.data.tags[f"tlpipe.cached.{stage}"] == first_children[stage].info.run_id
 
 
 def test_changing_augment_params_reruns_augment_onward(pipeline):

@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import subprocess
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -233,16 +234,28 @@ def _git_tags(tags: Mapping[str, str]) -> dict[str, str]:
 def link_producers(
     client, experiment_id: str, run_id: str, parent: str | None, inputs: Mapping[str, str]
 ) -> None:
-    """Tag each input with the run that wrote it; a producer outside this execution was cached by DVC."""
+    """Tag each input with the run that wrote it; a producer outside this execution was cached by DVC.
+
+    The cached producers' own producers (and theirs) are cached too: all of them
+    are named on the pipeline run.
+    """
+    cached = []
     for path, digest in inputs.items():
         producer = find_producer(client, experiment_id, path, digest)
         if producer is None:
             continue
         client.set_tag(run_id, f"tlpipe.input_run.{path}", producer.info.run_id)
         if parent and producer.data.tags.get("mlflow.parentRunId") != parent:
-            client.set_tag(
-                parent, f"tlpipe.cached.{producer.data.tags['tlpipe.stage']}", producer.info.run_id
-            )
+            cached.append(producer)
+    seen = set()
+    while cached:
+        producer = cached.pop()
+        if producer.info.run_id in seen:
+            continue
+        seen.add(producer.info.run_id)
+        client.set_tag(parent, f"tlpipe.cached.{producer.data.tags['tlpipe.stage']}", producer.info.run_id)
+        upstream = [v for k, v in producer.data.tags.items() if k.startswith("tlpipe.input_run.")]
+        cached += [client.get_run(r) for r in upstream if r not in seen]
 
 
 def find_producer(client, experiment_id: str, path: str, digest: str):
@@ -265,12 +278,15 @@ def log_dataset_inputs(stage: str, inputs: Mapping[str, str]) -> None:
         manifest = Path(path) / "manifest.csv"
         if not manifest.is_file():
             continue
-        dataset = mlflow.data.from_pandas(
-            pd.DataFrame(read_csv(manifest)),
-            source=Path(path).resolve().as_uri(),
-            name=path,
-            digest=digest[:32],  # the store keeps at most 36 characters
-        )
+        with warnings.catch_warnings():
+            # MLflow registers its local-file source twice and warns that it picked one of the two
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            dataset = mlflow.data.from_pandas(
+                pd.DataFrame(read_csv(manifest)),
+                source=Path(path).resolve().as_uri(),
+                name=path,
+                digest=digest[:32],  # the store keeps at most 36 characters
+            )
         mlflow.log_input(dataset, context=DATASET_CONTEXT.get(stage, stage))
 
 
