@@ -32,6 +32,10 @@ def module_file(module: str) -> str:
     return f"src/{module.replace('.', '/')}.py"
 
 
+# code a module runs without importing it: MLflow loads serving_model.py by path (models from code)
+RUNS_BY_PATH = {"src/tlpipe/serving.py": ["src/tlpipe/serving_model.py"]}
+
+
 def code_closure(script: str) -> set[str]:
     """The stage script and every tlpipe module it can reach."""
     seen, todo = set(), [script]
@@ -40,8 +44,14 @@ def code_closure(script: str) -> set[str]:
         if path in seen:
             continue
         seen.add(path)
-        todo += [module_file(m) for m in tlpipe_imports(REPO / path)]
+        todo += [module_file(m) for m in tlpipe_imports(REPO / path)] + RUNS_BY_PATH.get(path, [])
     return seen
+
+
+def test_files_run_by_path_are_named_by_their_module():
+    for module, files in RUNS_BY_PATH.items():
+        for file in files:
+            assert Path(file).name in (REPO / module).read_text()
 
 
 def script_of(stage: dict) -> str:

@@ -7,9 +7,11 @@ import io
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import keras
+import mlflow
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,6 +20,7 @@ from tlpipe import training
 from tlpipe.augmentation import resize_transform
 from tlpipe.commands import main
 from tlpipe.predict import predict
+from tlpipe.serving import log_raw_image_model
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["red", "blue"]
@@ -109,3 +112,47 @@ def test_python_dash_m_tlpipe_runs_it(model_path, images, tmp_path):
     assert result.returncode == 0, result.stderr
     (row,) = _rows(result.stdout)
     assert row["predicted"] in CLASSES
+
+
+# ---- a model from the MLflow registry -----------------------------------------------------------
+
+
+@pytest.fixture()
+def champion(model_path, images, tmp_path) -> str:
+    """The model logged as the raw-image pyfunc, registered and aliased champion: its URI."""
+    name = f"classifier-{uuid.uuid4().hex[:8]}"  # the store is shared by the whole session
+    with mlflow.start_run():
+        info = log_raw_image_model(model_path, _classes_file(tmp_path), (images / "a.png").read_bytes())
+    version = mlflow.register_model(info.model_uri, name)
+    mlflow.MlflowClient().set_registered_model_alias(name, "champion", version.version)
+    return f"models:/{name}@champion"
+
+
+def test_registered_champion_gives_the_same_csv_as_the_local_model(model_path, images, tmp_path, champion):
+    paths = [str(images), str(tmp_path / "missing.png")]
+    local, logged = tmp_path / "local.csv", tmp_path / "logged.csv"
+    code = main(["predict", *paths, "--model", str(model_path), "--classes", str(_classes_file(tmp_path)),
+                 "--out", str(local)])  # fmt: skip
+    assert code == 0
+    assert main(["predict", *paths, "--model", champion, "--out", str(logged)]) == 0
+    rows = _rows(logged.read_text())
+    assert len(rows) == 4 and sum(not r["error"] for r in rows) == 2
+    assert logged.read_text() == local.read_text()  # classes, probabilities and reasons alike
+
+
+def test_unknown_registered_model_is_one_line_naming_it_and_the_store(images, mlflow_store, capsys):
+    code = main(["predict", str(images), "--model", "models:/no-such-classifier@champion"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert (
+        "tlpipe predict: error: cannot load model models:/no-such-classifier@champion "
+        f"(MLflow tracking URI {mlflow_store}):"
+    ) in err
+    assert "Traceback" not in err
+
+
+def test_classes_file_is_refused_with_a_model_uri(images, tmp_path, capsys):
+    code = main(["predict", str(images), "--model", "models:/any@champion",
+                 "--classes", str(_classes_file(tmp_path))])  # fmt: skip
+    assert code == 1
+    assert "--classes is for a .keras model" in capsys.readouterr().err

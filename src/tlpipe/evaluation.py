@@ -564,7 +564,10 @@ def evaluate(
     ``backbone_weights`` (train_frozen.weights) tags the MLflow run as ``tlpipe.weights``,
     so a report can tell a from-scratch baseline (``none``) from a transfer run.
     """
+    import mlflow
+
     from tlpipe.datasets import load_augmented
+    from tlpipe.serving import LOGGED_MODEL_TAG, log_raw_image_model
     from tlpipe.training import load_model
 
     data = load_augmented(augmented_dir)
@@ -591,6 +594,11 @@ def evaluate(
         tracking.log_metrics(flat_metrics(metrics))
         tracking.log_pipeline_metrics(flat_metrics(metrics))
         tracking.log_artifact(str(Path(out_dir) / "metrics.json"))
+        # the same model taking image files: what `mlflow models serve` and the registry get
+        served = log_raw_image_model(
+            model_path, Path(augmented_dir) / "classes.json", Path(test.paths[0]).read_bytes()
+        )
+        mlflow.set_tag(LOGGED_MODEL_TAG, served.model_id)
     print(summary_line(metrics))
     return metrics
 

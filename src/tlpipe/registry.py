@@ -22,11 +22,11 @@ from tlpipe import tracking
 from tlpipe.config import PROMOTION_METRICS, RegistryParams, load_params, section_dict
 from tlpipe.errors import PipelineError
 from tlpipe.manifest import atomic_write, path_digest, read_json
+from tlpipe.serving import LOGGED_MODEL_TAG  # on evaluate runs: the raw-image model they logged
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 MODEL_DIGEST_TAG = "tlpipe.model_digest"  # on evaluate runs and model versions
-LOGGED_MODEL_TAG = "tlpipe.logged_model_id"  # on evaluate runs: the pyfunc model they logged
 PYFUNC_NAME = "classifier"  # the evaluate run's pyfunc model
 
 
