@@ -1,6 +1,8 @@
 # Two entry points, both starting from a fresh clone:
 #   make run   - create .venv with pinned dependencies, then run the pipeline (dvc repro)
 #   make test  - the same set-up, then the whole test suite
+# and the scheduled job's: make retrain (dvc pull, dvc repro, promotion gate, dvc push; RETRAIN_ARGS
+# passes options such as --remote NAME or --no-remote to `tlpipe retrain`)
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -8,7 +10,7 @@ STAMP  := $(VENV)/.installed
 # stage commands call `python`: make it the one in .venv, whatever the caller's PATH holds
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup run test clean
+.PHONY: setup run test retrain clean
 
 setup: $(STAMP)
 
@@ -23,6 +25,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+retrain: $(STAMP)
+	$(BIN)/tlpipe retrain $(RETRAIN_ARGS)
 
 clean:
 	rm -rf data/raw data/split data/augmented models results mlruns mlflow.db
