@@ -543,7 +543,11 @@ def test_report_logs_params_metrics_and_artifacts(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ as a person sees it
 
-CHROMIUM = shutil.which("chromium")
+# Debian's name, Ubuntu's and Google's (GitHub's runners ship Google Chrome)
+CHROMIUM = next(
+    filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"))),
+    None,
+)
 WINDOW = (1280, 2000)
 
 
