@@ -545,7 +545,9 @@ def test_report_logs_params_metrics_and_artifacts(tmp_path: Path) -> None:
 
 # Debian's name, Ubuntu's and Google's (GitHub's runners ship Google Chrome)
 CHROMIUM = next(
-    filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"))),
+    filter(
+        None, map(shutil.which, ("chromium", "google-chrome", "google-chrome-stable", "chromium-browser"))
+    ),
     None,
 )
 WINDOW = (1280, 2000)
