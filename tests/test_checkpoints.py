@@ -158,14 +158,15 @@ def _run(script: str, args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO, text=True, capture_output=True, timeout=600, check=False)
 
 
-def _kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 240, signum: int = signal.SIGKILL) -> str:
+    """Kill at the point ``ready`` turns true; the stage's output."""
     deadline = time.monotonic() + timeout
     while not ready():
         assert proc.poll() is None, proc.communicate()[0]
         assert time.monotonic() < deadline, "the stage never reached the kill point"
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.killpg(proc.pid, signum)
+    return proc.communicate(timeout=120)[0]
 
 
 def _json_value(path: Path, key: str) -> int:
@@ -188,7 +189,8 @@ def frozen_model(augmented: Path, tmp_path_factory) -> Path:
     return out / "frozen.keras"
 
 
-def test_fine_tune_killed_mid_epoch_resumes_and_finishes(augmented, frozen_model, tmp_path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_fine_tune_killed_mid_epoch_resumes_and_finishes(augmented, frozen_model, tmp_path, signum) -> None:
     values = {"unfreeze_blocks": 2, "epochs": 3, "batch_size": 4, "learning_rate": 1e-3, "patience": 10}
     params = _params_file(tmp_path, "fine_tune", values)
     ckpt = tmp_path / "ckpt"
@@ -197,7 +199,11 @@ def test_fine_tune_killed_mid_epoch_resumes_and_finishes(augmented, frozen_model
             "--checkpoints", str(ckpt)]  # fmt: skip
     proc = _start("fine_tune.py", args)
     # the first epoch has ended and checkpointed: the kill lands inside a later one
-    _kill_when(proc, lambda: _json_value(ckpt / checkpoints.STATE, "epochs_done") >= 1)
+    output = _kill_when(
+        proc, lambda: _json_value(ckpt / checkpoints.STATE, "epochs_done") >= 1, signum=signum
+    )
+    if signum == signal.SIGTERM:  # caught: the stage unwinds (finally blocks run), says so, exits 128 + 15
+        assert proc.returncode == 143 and "fine-tune: terminated (SIGTERM)" in output, output
     done = _json_value(ckpt / checkpoints.STATE, "epochs_done")
     assert 1 <= done < 3
     assert not (tmp_path / "model.keras").exists() and not (tmp_path / "h.csv").exists()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +100,47 @@ def test_other_exceptions_are_bugs_and_propagate(tmp_path: Path) -> None:
 
     with pytest.raises(RuntimeError, match="boom"):
         stage_main("report", [], ["out"], run, ["--params", _params(tmp_path), "--out", "o"])
+
+
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        (
+            OSError(errno.ENOSPC, "No space left on device", "/d/x.csv"),
+            "No space left on device: /d/x.csv (free",
+        ),
+        (PermissionError(errno.EACCES, "Permission denied", "/ro/raw"), "Permission denied: /ro/raw (check"),
+        (OSError(errno.EROFS, "Read-only file system", "/mnt/x"), "Read-only file system: /mnt/x (the file"),
+    ],
+    ids=["disk-full", "permissions", "read-only"],
+)
+def test_os_errors_of_the_machine_are_one_line_with_the_path(tmp_path: Path, capsys, error, line) -> None:
+    def run(params, args):
+        raise error
+
+    assert stage_main("augment", [], ["out"], run, ["--params", _params(tmp_path), "--out", "o"]) == 1
+    assert capsys.readouterr().err.startswith(f"augment: error: {line}")
+
+
+def test_other_os_errors_are_bugs_and_propagate(tmp_path: Path) -> None:
+    def run(params, args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.raises(OSError, match="Input/output error"):
+        stage_main("augment", [], ["out"], run, ["--params", _params(tmp_path), "--out", "o"])
+
+
+def test_sigterm_is_caught_only_while_the_stage_runs(tmp_path: Path) -> None:
+    """Raised as an exception inside the stage (so clean-up runs); the caller's handler is put back."""
+    before = signal.getsignal(signal.SIGTERM)
+    during = []
+    argv = ["--params", _params(tmp_path), "--out", "o"]
+    assert (
+        stage_main("split", [], ["out"], lambda p, a: during.append(signal.getsignal(signal.SIGTERM)), argv)
+        == 0
+    )
+    assert callable(during[0]) and during[0] is not before
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_stage_script_prints_no_traceback(tmp_path: Path) -> None:

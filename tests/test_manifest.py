@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import errno
 import hashlib
 import os
 import subprocess
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tlpipe import manifest
 from tlpipe.manifest import (
     MANIFEST_FIELDS,
     atomic_dir,
@@ -151,3 +154,75 @@ def test_atomic_dir_output_is_readable_like_any_new_directory(tmp_path):
     with atomic_dir(tmp_path / "out") as scratch:
         (scratch / "x").write_text("x")
     assert (tmp_path / "out").stat().st_mode & 0o777 == reference.stat().st_mode & 0o777
+
+
+def test_atomic_dir_killed_while_discarding_the_old_output_leaves_the_whole_new_one(tmp_path, monkeypatch):
+    """The old output is renamed away before it is deleted: never a half-deleted folder at ``final``."""
+    final = tmp_path / "out"
+    final.mkdir()
+    for name in ("a", "b", "c"):
+        (final / name).write_text("old")
+
+    def killed_half_way(path, *args, **kwargs):
+        next(Path(path).iterdir()).unlink()  # one file of the old output gone, then the kill
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(manifest.shutil, "rmtree", killed_half_way)
+    with pytest.raises(KeyboardInterrupt), atomic_dir(final) as scratch:
+        for name in ("a", "b", "c"):
+            (scratch / name).write_text("new")
+    monkeypatch.undo()
+    assert _tree(final) == {"a": b"new", "b": b"new", "c": b"new"}
+
+
+def _dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    return int(proc.stdout)  # reaped by run(): no process has this id now (barring reuse)
+
+
+def test_atomic_dir_sweeps_scratch_left_by_killed_runs_only(tmp_path):
+    final = tmp_path / "raw"
+    dead, alive = _dead_pid(), os.getppid()
+    left_behind = [tmp_path / f".raw.{dead}-00aa11bb22cc", tmp_path / f".raw.{dead}-00aa11bb22cc.old"]
+    kept = [
+        tmp_path / f".raw.{alive}-00aa11bb22cc",
+        tmp_path / f".rawer.{dead}-00aa11bb22cc",
+        tmp_path / ".raw.x",
+    ]
+    for folder in left_behind + kept:
+        folder.mkdir()
+        (folder / "half.png").write_bytes(b"\x89PNG")
+    with atomic_dir(final) as scratch:
+        (scratch / "manifest.csv").write_text("path\n")
+    assert not any(p.exists() for p in left_behind)
+    assert all(p.exists() for p in kept)  # a live writer's scratch, another output's, a stranger's
+    assert _tree(final) == {"manifest.csv": b"path\n"}
+
+
+def test_writers_are_atomic_and_a_full_disk_names_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "summary.json"
+    write_json(path, {"n": 1})
+    before = path.read_bytes()
+
+    def full_disk(self, rows):  # the disk fills half-way through the file
+        self.writer.writerow(["half"])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", full_disk)
+    with pytest.raises(OSError, match="No space left on device") as info:
+        write_csv(tmp_path / "m.csv", [{"path": "x"}], ["path"])
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "m.csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]  # no m.csv, no temporary file
+
+    monkeypatch.setattr(Path, "write_text", _raising_after_half)
+    with pytest.raises(OSError, match="No space left"):
+        write_json(path, {"n": 2})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def _raising_after_half(self, text, *args, **kwargs):
+    with open(self, "w", encoding="utf-8") as fh:
+        fh.write(text[: len(text) // 2])
+    raise OSError(errno.ENOSPC, "No space left on device")

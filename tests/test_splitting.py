@@ -10,7 +10,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from tlpipe.config import SplitParams
@@ -520,6 +520,96 @@ def test_kept_source_splits_are_unchanged_except_for_dropped_copies(rows, data):
             assert [i for i in members if plan.splits[i]] == [
                 i for i in members if SPLITS.index(rows[i]["split"]) == first
             ]
+
+
+def _fractions_of(val: float, test: float) -> dict[str, float]:
+    return {"train": 1 - val - test, "val": val, "test": test}
+
+
+def _stratifiable(counts: dict[str, int], fractions: dict[str, float]) -> bool:
+    """Every class in every split is possible: two classes or more, three images each, and
+    every split big enough to hold one image of each class."""
+    n = sum(counts.values())
+    enough_each = min(counts.values()) >= len(fractions)
+    return len(counts) >= 2 and enough_each and all(f * n >= len(counts) for f in fractions.values())
+
+
+_FRACTION = st.floats(0.02, 0.45)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    counts=st.dictionaries(st.sampled_from("abcdef"), st.integers(1, 40), min_size=1, max_size=6),
+    val=_FRACTION,
+    test=_FRACTION,
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
+def test_random_label_layouts_are_stratified_within_one_image_or_refused_with_the_fix(
+    counts, val, test, seed, data
+):
+    assume(val + test < 0.9)
+    labels = data.draw(st.permutations(_labels(counts)), label="labels")
+    params = SplitParams(val_fraction=val, test_fraction=test, seed=seed)
+    fractions = _fractions_of(val, test)
+    event("stratifiable" if _stratifiable(counts, fractions) else "refused")
+    if not _stratifiable(counts, fractions):
+        # says what to change: a fraction to raise or lower, or the images a class needs
+        with pytest.raises(PipelineError, match=r"^split: .*(split\.(val|test)_fraction|need )"):
+            assign_splits(labels, params)
+        return
+    per = _per_class(labels, assign_splits(labels, params))
+    for cls, n in counts.items():
+        assert sum(per[cls, s] for s in SPLITS) == n
+        for split, fraction in fractions.items():
+            assert per[cls, split] >= 1, (cls, split, per)
+            if n * min(fractions.values()) >= 1:  # else one image each takes precedence
+                assert abs(per[cls, split] - fraction * n) <= 1 + 1e-9, (cls, split, per)
+
+
+@st.composite
+def _grouped_layouts(draw) -> tuple[list[dict], dict[str, list[int]]]:
+    """Two or three classes of 2-14 groups of 1-5 images each (one label per group), shuffled."""
+    rows: list[dict] = []
+    sizes: dict[str, list[int]] = defaultdict(list)
+    for label in "abc"[: draw(st.integers(2, 3))]:
+        for g in range(draw(st.integers(2, 14))):
+            size = draw(st.integers(1, 5))
+            sizes[label].append(size)
+            rows += [_row(len(rows) + k, label, group=f"{label}{g}") for k in range(size)]
+    order = draw(st.permutations(range(len(rows))))
+    return [rows[k] for k in order], dict(sizes)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layout=_grouped_layouts(), val=_FRACTION, test=_FRACTION, seed=st.integers(0, 2**16))
+def test_random_group_layouts_keep_groups_whole_and_shares_near_the_fractions_or_are_refused(
+    layout, val, test, seed
+):
+    rows, sizes = layout
+    assume(val + test < 0.9)
+    params = SplitParams(val_fraction=val, test_fraction=test, seed=seed)
+    fractions = _fractions_of(val, test)
+    counts = {label: sum(group_sizes) for label, group_sizes in sizes.items()}
+    possible = _stratifiable(counts, fractions) and min(map(len, sizes.values())) >= len(SPLITS)
+    event("stratifiable" if possible else "refused")
+    if not possible:
+        with pytest.raises(PipelineError, match=r"^split: "):
+            plan_splits(rows, params)
+        return
+    plan = plan_splits(rows, params)
+    _accounted(plan, len(rows))
+    assert not plan.dropped
+    assert _crossing([r["group"] for r in rows], plan.splits) == set()
+    per = Counter(zip((r["label"] for r in rows), plan.splits))
+    for label, group_sizes in sizes.items():
+        n, largest = counts[label], max(group_sizes)
+        for split, fraction in fractions.items():
+            assert per[label, split] >= 1, (label, split, per)
+            # whole groups move the share in steps of up to the largest group; where a split's share
+            # is smaller than that group, one group in every split takes precedence
+            if min(fractions.values()) * n >= largest:
+                assert abs(per[label, split] - fraction * n) <= largest, (label, split, per, group_sizes)
 
 
 # ------------------------------------------------------------ the stage

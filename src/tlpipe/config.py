@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from tlpipe.errors import PipelineError
 
@@ -31,12 +39,53 @@ class _Section(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_booleans(cls, value: object) -> object:
-        # YAML reads yes/no/on/off as booleans, and pydantic would take True as the number 1
-        if isinstance(value, bool):
-            # ValueError, not TypeError: pydantic turns only ValueError into a validation error
-            raise ValueError("expected a number or text, not a boolean")  # noqa: TRY004
-        return value
+    def _no_booleans(cls, value: object, info: ValidationInfo) -> object:
+        # YAML reads yes/no/on/off/true/false as booleans, and pydantic would take True as the number 1
+        if not isinstance(value, bool):
+            return value
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return value  # a section: pydantic says it wants a mapping
+        # `mixed_precision: off`, as the comment in params.yaml says: the word was meant, not False
+        word = next((w for w in _YAML_BOOLEAN_WORDS[value] if w in _literal_values(annotation)), None)
+        if word is not None:
+            return word
+        # ValueError, not TypeError: pydantic turns only ValueError into a validation error
+        raise ValueError(
+            f"expected {describe_type(annotation)}, not a boolean "
+            "(YAML reads yes/no/on/off/true/false as booleans: quote a word)"
+        )
+
+
+# the words PyYAML reads as booleans (in any case)
+_YAML_BOOLEAN_WORDS = {True: ("on", "yes", "true"), False: ("off", "no", "false")}
+
+
+def _members(annotation: object) -> list[object]:
+    """The alternatives of a type: ``int | Literal['all']`` -> [int, Literal['all']] (Annotated unwrapped)."""
+    if get_origin(annotation) is Annotated:
+        return _members(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, type(int | None)):
+        return [m for arg in get_args(annotation) for m in _members(arg)]
+    return [annotation]
+
+
+def _literal_values(annotation: object) -> list[object]:
+    return [v for m in _members(annotation) if get_origin(m) is Literal for v in get_args(m)]
+
+
+def describe_type(annotation: object) -> str:
+    """What a field takes, in words, e.g. "an integer or 'all'"."""
+    names = {int: "an integer", float: "a number", str: "text", type(None): "null"}
+    parts = []
+    for member in _members(annotation):
+        if get_origin(member) is Literal:
+            parts.append("one of " + ", ".join(repr(v) for v in get_args(member)))
+        elif get_origin(member) is list:
+            parts.append("a list")
+        else:
+            parts.append(names.get(member, getattr(member, "__name__", str(member))))
+    return " or ".join(parts)
 
 
 class DemoParams(_Section):
@@ -222,7 +271,7 @@ class TrainFrozenParams(TrainingPhaseParams):
 
 class FineTuneParams(TrainingPhaseParams):
     # top backbone blocks to train, or "all" (every block, whatever the backbone has)
-    unfreeze_blocks: int | Literal["all"] = Field("all", union_mode="left_to_right")
+    unfreeze_blocks: Annotated[int, Field(ge=0)] | Literal["all"] = Field("all", union_mode="left_to_right")
     # a backbone layer name: it and every layer above it train (instead of unfreeze_blocks)
     unfreeze_from: str | None = None
     # >0: start with the top block and unfreeze one more every this many epochs (gradual unfreezing)
@@ -242,8 +291,6 @@ class FineTuneParams(TrainingPhaseParams):
     def _gradual_needs_blocks(self) -> FineTuneParams:
         if self.unfreeze_every and self.unfreeze_from is not None:
             raise ValueError("unfreeze_every works with unfreeze_blocks, not unfreeze_from")
-        if isinstance(self.unfreeze_blocks, int) and self.unfreeze_blocks < 0:
-            raise ValueError(f"unfreeze_blocks must be >= 0 or 'all', got {self.unfreeze_blocks}")
         return self
 
 
@@ -298,15 +345,44 @@ class Params(_Section):
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: {err.error_count()} invalid setting(s):"]
+    # pydantic reports a value that fits no member of a union once per member: one line per key here
+    by_key: dict[str, list[dict]] = {}
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            allowed = _allowed_keys(e["loc"][:-1])
+        by_key.setdefault(_dotted_key(e["loc"]), []).append(e)
+    lines = [f"{source}: {len(by_key)} invalid setting(s):"]
+    for key, errors in by_key.items():
+        first = errors[0]
+        if first["type"] == "extra_forbidden":
+            allowed = _allowed_keys(first["loc"][:-1])
             lines.append(f"  {key}: unknown key; allowed keys here: {', '.join(allowed)}")
-        else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+            continue
+        # "Input should be a valid integer; or 'all'": what each member of the union allows
+        alternatives = [errors[0]["msg"], *(e["msg"].removeprefix("Input should be ") for e in errors[1:])]
+        message = "; or ".join(alternatives).removeprefix("Value error, ")
+        value = first.get("input")
+        # a check across keys (a section-level validator) names its values itself: no section dump
+        shown = "" if isinstance(value, dict) and first["type"] == "value_error" else f" (got {value!r})"
+        lines.append(f"  {key}: {message}{shown}")
     return "\n".join(lines)
+
+
+def _dotted_key(loc: tuple) -> str:
+    """The params key an error is about, without pydantic's union-member tags (``int``, ``literal['all']``)."""
+    parts: list[str] = []
+    model: type[BaseModel] | None = Params
+    for part in loc:
+        if isinstance(part, int):  # a list index, e.g. data.classes.0
+            parts.append(str(part))
+            continue
+        if model is None or part not in model.model_fields:
+            if model is None:  # inside a leaf: a union member's tag, not a key
+                continue
+            parts.append(str(part))  # an unknown key
+            break
+        parts.append(part)
+        annotation = model.model_fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return ".".join(parts) or "(top level)"
 
 
 def _allowed_keys(loc: tuple) -> list[str]:

@@ -32,7 +32,7 @@ from tlpipe import tracking
 from tlpipe.config import PIPELINE_SECTIONS, Params, flat_params
 from tlpipe.errors import PipelineError
 from tlpipe.gradcam import gradcam_maps, overlay, png_data_uri
-from tlpipe.manifest import read_csv, read_json
+from tlpipe.manifest import atomic_write, read_csv, read_json
 
 GALLERY_SIZE = 12  # most confident mistakes shown
 GRADCAM_CORRECT = 4  # Grad-CAM sample: correct and wrong test images, explained in one batch
@@ -1001,8 +1001,8 @@ def write_report(
         (html_out, render_html(classes, sections)),
         (markdown_out, render_markdown(metrics, classes, this, comparison, html_out)),
     ):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text, encoding="utf-8")  # what the HTML declares, whatever the locale
+        # utf-8: what the HTML declares, whatever the locale; atomic: a kill never truncates it
+        atomic_write(Path(path), lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
     with tracking.stage_run("report", flat_params(params, PIPELINE_SECTIONS)):
         tracking.log_metrics({k: metrics[k] for k in ("accuracy", "macro_f1") if metrics.get(k) is not None})
         tracking.log_artifact(str(html_out))

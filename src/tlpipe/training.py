@@ -111,9 +111,19 @@ def save_model_atomically(model: keras.Model, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.partial.keras")
-    model.save(tmp)
-    make_archive_reproducible(tmp)
-    os.replace(tmp, path)
+    try:
+        model.save(tmp)
+        make_archive_reproducible(tmp)
+        os.replace(tmp, path)
+    except OSError as err:  # a full disk, most likely: say where, and leave no half-written archive
+        tmp.unlink(missing_ok=True)
+        raise PipelineError(
+            f"cannot save the model to {path}: {err.strerror or err}; "
+            f"{'the previous model there is unchanged' if path.exists() else 'nothing was written there'}"
+        ) from err
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def make_archive_reproducible(path: Path) -> None:
