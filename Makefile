@@ -24,7 +24,7 @@ run: $(STAMP)
 	$(BIN)/dvc repro
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n logical --dist loadfile $(PYTEST_ARGS)
 
 retrain: $(STAMP)
 	$(BIN)/tlpipe retrain $(RETRAIN_ARGS)

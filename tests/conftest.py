@@ -24,5 +24,11 @@ def mlflow_store(tmp_path_factory) -> str:
 
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(mlflow_store, monkeypatch):
+    import mlflow
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "tlpipe-tests")
+    # mlflow's fluent API keeps the last store and experiment set in this process, ahead of the
+    # environment: a test that logs with mlflow.start_run() directly must not inherit another test's
+    mlflow.set_tracking_uri(mlflow_store)
+    mlflow.set_experiment("tlpipe-tests")

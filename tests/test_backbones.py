@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -380,6 +381,9 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
         monkeypatch.setenv(var, "http://127.0.0.1:9")
     for var in ("no_proxy", "NO_PROXY"):
         monkeypatch.delenv(var, raising=False)
+    # urlopen builds its opener, proxies included, on first use and keeps it: start afresh here, and put
+    # the previous one back afterwards so the dead proxy does not outlive the test
+    monkeypatch.setattr(urllib.request, "_opener", None)
     return home
 
 

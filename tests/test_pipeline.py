@@ -76,6 +76,12 @@ def test_mlflow_holds_one_run_per_stage_and_both_models(pipeline):
     sources = {m.source_run_id for m in models}
     for stage in ("train-frozen", "fine-tune"):
         assert by_stage[stage][0].info.run_id in sources
+    # the final model: Keras flavor with a signature; the raw-image pyfunc with an input example too
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    for stage, example in (("fine-tune", False), ("evaluate", True)):
+        (model,) = [m for m in models if m.source_run_id == by_stage[stage][0].info.run_id]
+        info = mlflow.models.get_model_info(f"models:/{model.model_id}")
+        assert info.signature is not None and (info.saved_input_example_info is not None) == example, stage
 
 
 def _client(repo: Path):

@@ -321,7 +321,12 @@ def log_artifact(path: str, artifact_path: str | None = None) -> None:
 
 
 def log_keras_model(model, name: str, example_batch) -> None:
-    """Log a Keras model with the Keras flavor and a signature inferred from real inputs."""
+    """Log a Keras model with the Keras flavor and a signature inferred from real inputs.
+
+    No input example: MLflow's Keras flavor writes it before creating the model folder
+    and fails (mlflow/mlflow#16183, open). The raw-image pyfunc model the evaluate
+    stage logs carries one.
+    """
     import mlflow
     from mlflow.models import infer_signature
 
