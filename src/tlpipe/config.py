@@ -309,6 +309,18 @@ class EvaluateParams(_Section):
     seed: int = 0  # the bootstrap's resampling
 
 
+# the test metrics a short summary shows (report summary.md, the retrain job's summary), in reading order
+SUMMARY_METRICS = (
+    "accuracy",
+    "balanced_accuracy",
+    "sensitivity",
+    "specificity",
+    "macro_f1",
+    "roc_auc",
+    "pr_auc",
+    "ece",
+)
+
 # the test metrics a promotion can be decided on, and whether higher is better
 PROMOTION_METRICS = {
     "roc_auc": True,

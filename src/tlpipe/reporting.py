@@ -29,7 +29,7 @@ import yaml
 from PIL import Image
 
 from tlpipe import tracking
-from tlpipe.config import PIPELINE_SECTIONS, Params, flat_params
+from tlpipe.config import PIPELINE_SECTIONS, SUMMARY_METRICS, Params, flat_params
 from tlpipe.errors import PipelineError
 from tlpipe.gradcam import gradcam_maps, overlay, png_data_uri
 from tlpipe.manifest import atomic_write, read_csv, read_json
@@ -204,16 +204,7 @@ def metric_specs(metrics: dict, classes: Sequence[str]) -> list[MetricSpec]:
 
 
 # the rows of the Markdown summary: what a reviewer of a CI run needs at a glance
-MARKDOWN_METRICS = (
-    "accuracy",
-    "balanced_accuracy",
-    "sensitivity",
-    "specificity",
-    "macro_f1",
-    "roc_auc",
-    "pr_auc",
-    "ece",
-)
+MARKDOWN_METRICS = SUMMARY_METRICS
 
 
 def intervals_of(metrics: dict) -> dict[str, tuple[float, float]]:

@@ -26,23 +26,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tlpipe.config import SUMMARY_METRICS
 from tlpipe.errors import PipelineError
+from tlpipe.tracking import EXECUTION_ENV
 
-EXECUTION_ID_VARIABLE = "TLPIPE_EXECUTION_ID"
+EXECUTION_ID_VARIABLE = EXECUTION_ENV  # groups the runs of one retrain under one pipeline run
 METRICS = Path("results/evaluate/metrics.json")
 PROMOTION = Path("results/promotion.json")
 REPORT = Path("results/report/report.html")
 TAIL_LINES = 20  # of a failed command's output, quoted in the error
 # the summary's metric rows, in reading order, those present; the promotion metric is added to them
-HEADLINE_METRICS = (
-    "accuracy",
-    "balanced_accuracy",
-    "sensitivity",
-    "specificity",
-    "macro_f1",
-    "roc_auc",
-    "pr_auc",
-)
+HEADLINE_METRICS = SUMMARY_METRICS
 NO_REMOTE_HELP = (
     "add one with `dvc remote add -d NAME URL` (e.g. `dvc remote add -d storage s3://bucket/tlpipe`, "
     "or a directory: `dvc remote add -d local /srv/dvc-store`), or pass --no-remote to skip "
