@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline_helpers import merge
 from source_fixtures import (
     BAD_FILES,
     class_folders,
@@ -40,13 +41,6 @@ TINY = {
 }
 
 
-def _merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
-    return out
-
-
 @pytest.fixture
 def repo(tmp_path) -> Path:
     """The pipeline's files (dvc.yaml, stages/, params.yaml) in a scratch folder."""
@@ -60,7 +54,7 @@ def repo(tmp_path) -> Path:
 
 def run_pipeline(repo: Path, data: dict, split: dict | None = None) -> dict:
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params = _merge(_merge(params, TINY), {"data": data, "split": split or {}})
+    params = merge(merge(params, TINY), {"data": data, "split": split or {}})
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
