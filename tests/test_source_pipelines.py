@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline_helpers import merge
+from pipeline_helpers import declared_outputs, merge
 from source_fixtures import (
     BAD_FILES,
     class_folders,
@@ -65,10 +65,8 @@ def run_pipeline(repo: Path, data: dict, split: dict | None = None) -> dict:
                 runpy.run_path(argv[1], run_name="__main__")
             except SystemExit as stop:
                 assert stop.code in (0, None), f"stage {name} exited with {stop.code}"
-    for stage in stages.values():
-        for out in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
-            path = next(iter(out)) if isinstance(out, dict) else out
-            assert (repo / path).exists(), path
+    for path in declared_outputs(repo):
+        assert (repo / path).exists(), path
     return json.loads((repo / "results/evaluate/metrics.json").read_text())
 
 
