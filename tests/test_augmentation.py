@@ -183,3 +183,28 @@ def test_no_copies_means_one_image_per_training_source(dataset, tmp_path):
     splits = _run(dataset, tmp_path / "aug", copies=0)
     assert len(splits["train"]) == 4
     assert not any("_aug" in r["path"] for r in splits["train"])
+
+
+def _horizontal_span(pixels: np.ndarray) -> float:
+    profile = pixels.astype(float).mean(axis=(0, 2))  # the fixture's ramp runs left to right
+    return float(profile.max() - profile.min())
+
+
+def test_crop_scale_zooms_into_a_random_part_of_the_image(dataset, tmp_path):
+    out = tmp_path / "aug"
+    splits = _run(dataset, out, probability=1.0, copies=8, crop_scale=0.2, **NO_AUGMENT)
+    ratios = []
+    for original, *copies in _copies(out, splits["train"]).values():
+        assert not any(np.array_equal(copy, original) for copy in copies)
+        ratios += [_horizontal_span(copy) / _horizontal_span(original) for copy in copies]
+    # a crop sees part of the ramp: never more of it than the whole image, usually much less
+    assert max(ratios) < 1.05
+    assert np.mean(ratios) < 0.8
+
+
+def test_crop_scale_one_means_no_crop(dataset, tmp_path):
+    out = tmp_path / "aug"
+    splits = _run(dataset, out, probability=1.0, crop_scale=1.0, **NO_AUGMENT)
+    for original, *copies in _copies(out, splits["train"]).values():
+        for copy in copies:
+            np.testing.assert_array_equal(copy, original)

@@ -30,6 +30,7 @@ SECTIONS = {
         "brightness_limit",
         "contrast_limit",
         "copies",
+        "crop_scale",
         "horizontal_flip",
         "image_size",
         "probability",

@@ -30,9 +30,17 @@ def resize_transform(size: int) -> A.Compose:
 def train_transform(params: AugmentParams) -> A.Compose:
     """The training augmentation pipeline described by ``params``."""
     p = params.probability
+    size = (params.image_size, params.image_size)
+    crop = []
+    if params.crop_scale < 1.0:
+        # a random field of view: X-rays from different sites are framed (collimated) differently,
+        # and a tight crop must not become a cue for the class that happens to be imaged tightly.
+        # Cropped from the original (full detail); the Resize after it then changes nothing.
+        crop = [A.RandomResizedCrop(size=size, scale=(params.crop_scale, 1.0), interpolation=cv2.INTER_AREA, p=p)]
     return A.Compose(
         [
-            A.Resize(params.image_size, params.image_size, interpolation=cv2.INTER_AREA),
+            *crop,
+            A.Resize(*size, interpolation=cv2.INTER_AREA),
             A.HorizontalFlip(p=params.horizontal_flip),
             A.VerticalFlip(p=params.vertical_flip),
             A.Affine(

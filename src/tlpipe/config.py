@@ -204,6 +204,7 @@ class AugmentParams(_Section):
     rotate_limit: float = Field(15.0, ge=0.0, le=180.0)
     shift_limit: float = Field(0.05, ge=0.0, le=0.5)
     scale_limit: float = Field(0.1, ge=0.0, le=0.9)
+    crop_scale: float = Field(1.0, ge=0.05, le=1.0)
     brightness_limit: float = Field(0.2, ge=0.0, le=1.0)
     contrast_limit: float = Field(0.2, ge=0.0, le=1.0)
     probability: float = _probability(0.7)
