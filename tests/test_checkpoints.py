@@ -240,4 +240,6 @@ def test_train_frozen_killed_while_caching_features_resumes_the_cache(augmented,
 
     whole = training.compute_features(backbone, load_augmented(augmented).split("train"), 8,
                                       tmp_path / "whole.npy", "k")  # fmt: skip
-    np.testing.assert_allclose(np.load(ckpt / "features" / "train.npy"), whole, rtol=1e-5, atol=1e-6)
+    # batches of 2 and of 8 take different CPU kernels: a few features differ by ~4e-6 on some machines,
+    # while a cache resumed at the wrong row would be off by the features' own size (~0.1-1)
+    np.testing.assert_allclose(np.load(ckpt / "features" / "train.npy"), whole, rtol=1e-5, atol=2e-5)
