@@ -34,6 +34,7 @@ NO_AUGMENT = {
     "rotate_limit": 0.0,
     "shift_limit": 0.0,
     "scale_limit": 0.0,
+    "crop_scale": 1.0,
     "brightness_limit": 0.0,
     "contrast_limit": 0.0,
 }
@@ -192,7 +193,7 @@ def _horizontal_span(pixels: np.ndarray) -> float:
 
 def test_crop_scale_zooms_into_a_random_part_of_the_image(dataset, tmp_path):
     out = tmp_path / "aug"
-    splits = _run(dataset, out, probability=1.0, copies=8, crop_scale=0.2, **NO_AUGMENT)
+    splits = _run(dataset, out, probability=1.0, copies=8, **{**NO_AUGMENT, "crop_scale": 0.2})
     ratios = []
     for original, *copies in _copies(out, splits["train"]).values():
         assert not any(np.array_equal(copy, original) for copy in copies)
@@ -201,10 +202,3 @@ def test_crop_scale_zooms_into_a_random_part_of_the_image(dataset, tmp_path):
     assert max(ratios) < 1.05
     assert np.mean(ratios) < 0.8
 
-
-def test_crop_scale_one_means_no_crop(dataset, tmp_path):
-    out = tmp_path / "aug"
-    splits = _run(dataset, out, probability=1.0, crop_scale=1.0, **NO_AUGMENT)
-    for original, *copies in _copies(out, splits["train"]).values():
-        for copy in copies:
-            np.testing.assert_array_equal(copy, original)

@@ -36,7 +36,8 @@ def train_transform(params: AugmentParams) -> A.Compose:
         # a random field of view: X-rays from different sites are framed (collimated) differently,
         # and a tight crop must not become a cue for the class that happens to be imaged tightly.
         # Cropped from the original (full detail); the Resize after it then changes nothing.
-        crop = [A.RandomResizedCrop(size=size, scale=(params.crop_scale, 1.0), interpolation=cv2.INTER_AREA, p=p)]
+        scale = (params.crop_scale, 1.0)
+        crop = [A.RandomResizedCrop(size=size, scale=scale, interpolation=cv2.INTER_AREA, p=p)]
     return A.Compose(
         [
             *crop,
