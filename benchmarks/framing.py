@@ -21,11 +21,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+from tlpipe.manifest import read_csv, read_json
+from tlpipe.training import load_model
 
-from tlpipe.manifest import read_csv, read_json  # noqa: E402
-from tlpipe.training import load_model  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def zoom(image: np.ndarray, factor: float) -> np.ndarray:
