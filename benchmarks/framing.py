@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from tlpipe.manifest import read_csv, read_json
+from tlpipe.datasets import SplitData, load_augmented
 from tlpipe.training import load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,13 +41,10 @@ def zoom(image: np.ndarray, factor: float) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=interpolation)
 
 
-def load_split(data_dir: Path, split: str, channels: int) -> tuple[np.ndarray, np.ndarray]:
-    rows = [r for r in read_csv(data_dir / "manifest.csv") if r["split"] == split]
+def load_images(split: SplitData, channels: int) -> np.ndarray:
     mode = "L" if channels == 1 else "RGB"
-    images = [np.asarray(Image.open(data_dir / r["path"]).convert(mode)) for r in rows]
-    return np.stack(images).reshape(len(rows), *images[0].shape[:2], channels), np.array(
-        [int(r["label_index"]) for r in rows]
-    )
+    images = [np.asarray(Image.open(path).convert(mode)) for path in split.paths]
+    return np.stack(images).reshape(len(images), *images[0].shape[:2], channels)
 
 
 def recall_by_class(model, images: np.ndarray, labels: np.ndarray, factor: float, n_classes: int) -> list:
@@ -69,11 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zooms", type=float, nargs="+", default=[0.8, 1.0, 1.25])
     parser.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
     args = parser.parse_args(argv)
-    classes = read_json(args.data / "classes.json")
+    data = load_augmented(args.data)
+    classes = data.classes
     model = load_model(args.model)
     rows = []
     for split in ("val", "test"):
-        images, labels = load_split(args.data, split, model.input_shape[-1])
+        part = data.split(split)
+        images, labels = load_images(part, model.input_shape[-1]), part.labels
         for factor in args.zooms:
             recalls = recall_by_class(model, images, labels, factor, len(classes))
             rows.append({"split": split, "zoom": factor, "recall": dict(zip(classes, recalls))})
