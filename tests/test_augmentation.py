@@ -201,4 +201,3 @@ def test_crop_scale_zooms_into_a_random_part_of_the_image(dataset, tmp_path):
     # a crop sees part of the ramp: never more of it than the whole image, usually much less
     assert max(ratios) < 1.05
     assert np.mean(ratios) < 0.8
-

@@ -62,6 +62,7 @@ SECTIONS = {
         "calibration_bins",
         "ci_level",
         "fixed_threshold",
+        "operating_sensitivities",
         "seed",
         "target_sensitivity",
         "threshold",
@@ -571,3 +572,21 @@ def test_backbone_choices_are_the_registry() -> None:
 def test_gradual_unfreezing_counts_blocks_not_layers() -> None:
     message = _error({"fine_tune": {"unfreeze_every": 2, "unfreeze_from": "block14_add"}})
     assert "unfreeze_every works with unfreeze_blocks, not unfreeze_from" in message
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ([0.9, 1.5], "evaluate.operating_sensitivities.1: Input should be less than or equal to 1 (got 1.5)"),
+        ([0], "evaluate.operating_sensitivities.0: Input should be greater than 0 (got 0)"),
+        ([True], "evaluate.operating_sensitivities.0: Input should be a valid number (got True)"),
+        (0.9, "evaluate.operating_sensitivities: Input should be a valid list (got 0.9)"),
+    ],
+)
+def test_operating_sensitivities_name_the_bad_item(value, says):
+    # the schema walk above sees the list, not its items: their bounds are checked here
+    assert says in _error(_nest("evaluate.operating_sensitivities", value))
+
+
+def test_operating_sensitivities_may_be_empty():
+    assert parse_params(_nest("evaluate.operating_sensitivities", [])).evaluate.operating_sensitivities == []

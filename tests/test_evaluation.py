@@ -42,6 +42,7 @@ from tlpipe.evaluation import (
     flat_metrics,
     log_loss_per_image,
     metric_key,
+    operating_points,
     pr_points,
     predicted_labels,
     ranking_metrics,
@@ -324,6 +325,30 @@ def test_choose_threshold_falls_back_when_val_lacks_a_class() -> None:
     assert ok["value"] == 0.3 and ok["chosen_on"] == "val" and ok["val_specificity"] is None
 
 
+def test_operating_points_choose_on_val_and_measure_on_test() -> None:
+    params = EvaluateParams(operating_sensitivities=[0.5, 0.9])
+    points = operating_points(params, VAL_Y, VAL_P1, BIN_Y, BIN_P1)
+    assert list(points) == ["youden", "sensitivity_0.5", "sensitivity_0.9"]
+    # val cut-offs: Youden 0.7, sensitivity 0.5 -> 0.7, 0.9 -> 0.35 (all three val positives)
+    assert [p["value"] for p in points.values()] == [0.7, 0.7, 0.35]
+    assert [p["rule"] for p in points.values()] == ["youden", "target_sensitivity", "target_sensitivity"]
+    assert points["sensitivity_0.9"]["val_sensitivity"] == 1.0
+    assert points["sensitivity_0.9"]["val_specificity"] == pytest.approx(1 / 3)
+    # test BIN_P1 at 0.7 calls [0, 0, 1, 1, 0]; at 0.35 [0, 0, 1, 1, 1]
+    assert points["youden"]["confusion_matrix"] == [[2, 1], [1, 1]]
+    assert (points["youden"]["accuracy"], points["youden"]["sensitivity"]) == pytest.approx((0.6, 0.5))
+    assert points["sensitivity_0.9"]["confusion_matrix"] == [[2, 1], [0, 2]]
+    assert points["sensitivity_0.9"]["accuracy"] == pytest.approx(0.8)
+    assert points["sensitivity_0.9"]["specificity"] == pytest.approx(2 / 3)
+
+
+def test_operating_points_say_when_val_lacks_a_class() -> None:
+    points = operating_points(EvaluateParams(), np.array([0, 0]), np.array([0.2, 0.6]), BIN_Y, BIN_P1)
+    assert list(points) == ["youden", "sensitivity_0.9", "sensitivity_0.95", "sensitivity_0.99"]
+    assert all(p["chosen_on"] == "fallback" and p["value"] == 0.5 for p in points.values())
+    assert "positive" in points["youden"]["reason"]
+
+
 def test_predicted_labels_by_threshold() -> None:
     assert predicted_labels(BIN_PROBS, 0.7).tolist() == [0, 0, 1, 1, 0]  # at or above: positive
     assert predicted_labels(BIN_PROBS).tolist() == [0, 0, 1, 1, 1]
@@ -500,6 +525,25 @@ def test_flat_metrics_of_the_binary_document() -> None:
     assert flat["ci.accuracy.low"] <= flat["accuracy"] <= flat["ci.accuracy.high"]
     assert not {"ci_level", "bootstrap_resamples", "at_0.5.confusion_matrix"} & set(flat)
     assert all(re.fullmatch(r"[\w\-. /]+", k) for k in flat)
+    assert not [k for k in flat if k.startswith("operating_points")]
+
+
+def test_flat_metrics_log_the_operating_points_briefly() -> None:
+    params = EvaluateParams(operating_sensitivities=[0.9])
+    points = operating_points(params, VAL_Y, VAL_P1, BIN_Y, BIN_P1)
+    threshold = choose_threshold(params, VAL_Y, VAL_P1)
+    metrics = evaluation_metrics(BIN_Y, BIN_PROBS, ["neg", "pos"], params, threshold, points)
+    assert metrics["operating_points"] == points
+    flat = flat_metrics(metrics)
+    logged = {k for k in flat if k.startswith("operating_points.")}
+    assert logged == {
+        f"operating_points.{name}.{k}"
+        for name in ("youden", "sensitivity_0.9")
+        for k in ("value", "val_sensitivity", "val_specificity", "accuracy", "balanced_accuracy")
+        + ("sensitivity", "specificity")
+    }
+    assert flat["operating_points.sensitivity_0.9.value"] == 0.35
+    assert flat["operating_points.sensitivity_0.9.accuracy"] == pytest.approx(0.8)
 
 
 def test_metric_key_keeps_only_what_mlflow_accepts() -> None:
@@ -625,6 +669,13 @@ def test_evaluate_binary_chooses_the_threshold_on_val(tmp_path: Path) -> None:
     assert {"sensitivity", "specificity"} <= set(metrics["ci"])
     assert json.loads((out / "metrics.json").read_text()) == metrics
 
+    points = metrics["operating_points"]
+    assert list(points) == ["youden", "sensitivity_0.9", "sensitivity_0.95", "sensitivity_0.99"]
+    assert all(p["chosen_on"] == "val" and p["n_val"] == 8 for p in points.values())
+    # the target 1.0 rule in use and the 0.99 point both need every green val image: one cut-off
+    assert points["sensitivity_0.99"]["value"] == threshold["value"]
+    assert points["sensitivity_0.99"]["accuracy"] == metrics["accuracy"]
+
     assert [p.name for p in (out / "roc").iterdir()] == ["green.csv"]
     assert [p.name for p in (out / "pr").iterdir()] == ["green.csv"]
     predictions = _read(out / "predictions.csv")
@@ -645,6 +696,7 @@ def test_evaluate_binary_youden_on_a_real_run(tmp_path: Path) -> None:
     assert metrics["threshold"]["rule"] == "youden" and metrics["threshold"]["chosen_on"] == "val"
     # red and green separate perfectly on val: J = 1 at the lowest green score
     assert metrics["threshold"]["val_sensitivity"] == metrics["threshold"]["val_specificity"] == 1.0
+    assert metrics["operating_points"]["youden"]["value"] == metrics["threshold"]["value"]
 
 
 def test_evaluate_fixed_threshold_needs_no_val_split(tmp_path: Path) -> None:
@@ -655,6 +707,16 @@ def test_evaluate_fixed_threshold_needs_no_val_split(tmp_path: Path) -> None:
     assert metrics["threshold"] == {"rule": "fixed", "value": 0.5, "chosen_on": "params"}
     assert metrics["at_0.5"]["accuracy"] == metrics["accuracy"]
     assert metrics["ci"] == {} and metrics["bootstrap_resamples"] == 0
+    assert "operating_points" not in metrics  # they need a val split
+
+
+def test_evaluate_fixed_threshold_still_shows_val_operating_points(tmp_path: Path) -> None:
+    data = make_augmented(tmp_path / "aug", ["red", "green"], {"val": 3, "test": 4})
+    params = EvaluateParams(threshold="fixed", fixed_threshold=0.5, bootstrap_resamples=0)
+    metrics = evaluate(data, _colour_model(2, tmp_path / "m.keras"), params, tmp_path / "out")
+    assert metrics["threshold"] == {"rule": "fixed", "value": 0.5, "chosen_on": "params"}
+    assert metrics["operating_points"]["youden"]["chosen_on"] == "val"
+    assert metrics["operating_points"]["youden"]["n_val"] == 6
 
 
 def test_evaluate_logs_an_mlflow_run(tmp_path: Path) -> None:

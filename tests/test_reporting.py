@@ -364,6 +364,32 @@ def test_two_classes_state_the_threshold_and_the_figures_at_half(tmp_path: Path)
     assert any(line.startswith("An image is called pneumonia when P(pneumonia) >= 0.3125") for line in lines)
 
 
+def test_two_classes_list_the_val_chosen_operating_points(tmp_path: Path) -> None:
+    youden = {**BINARY["threshold"], **{k: BINARY[k] for k in ("accuracy", "sensitivity", "specificity")}}
+    strict = {
+        "rule": "target_sensitivity",
+        "value": 0.9375,
+        "chosen_on": "val",
+        "val_sensitivity": 0.9,
+        "val_specificity": 1.0,
+        "accuracy": 0.7,
+        "sensitivity": 0.6,
+        "specificity": 0.9,
+    }
+    fallback = {"rule": "target_sensitivity", "value": 0.5, "chosen_on": "fallback", "reason": "no val"}
+    metrics = {**BINARY, "operating_points": {"youden": youden, "sensitivity_0.9": strict, "x": fallback}}
+    headline = _section(_report(_inputs(tmp_path, metrics=metrics))[0], "headline")
+    assert "Other operating points, each cut-off chosen on the val split" in headline
+    assert "<th>cut-off chosen on val by</th><th>cut-off</th><th>val sensitivity</th>" in headline
+    assert "<tr><td>Youden&#x27;s J</td><td>0.3125</td><td>0.9000</td><td>0.8500</td>" in headline
+    row = "<tr><td>sensitivity &gt;= 0.9</td><td>0.9375</td><td>0.9000</td><td>1.0000</td><td>0.7000</td>"
+    assert row + "<td>0.6000</td><td>0.9000</td></tr>" in headline
+    assert "(not applicable: no val; 0.5 used)" in headline
+    # without them (more classes, or no val split) there is no such table
+    plain = _section(_report(_inputs(tmp_path / "plain", metrics=BINARY))[0], "headline")
+    assert "Other operating points" not in plain
+
+
 def test_class_names_with_dollars_are_plotted_as_written() -> None:
     classes = ["$\\frac{$", "a$b"]  # as mathtext the first would not even parse
     assert reporting.figure_to_data_uri(reporting.plot_confusion([[1, 2], [3, 4]], classes)).startswith(

@@ -302,6 +302,11 @@ class EvaluateParams(_Section):
     threshold: Literal["youden", "target_sensitivity", "fixed"] = "youden"
     target_sensitivity: float = Field(0.95, gt=0.0, le=1.0)  # threshold: target_sensitivity
     fixed_threshold: float = Field(0.5, ge=0.0, le=1.0)  # threshold: fixed
+    # two classes: the test metrics at more cut-offs chosen on val (Youden's, and the highest reaching each
+    # of these val sensitivities), so the trade-off is seen before choosing `threshold`; [] for Youden's only
+    operating_sensitivities: list[Annotated[float, Field(gt=0.0, le=1.0, strict=True)]] = Field(
+        default_factory=lambda: [0.9, 0.95, 0.99]
+    )
     # more than two classes: top-k accuracy, not reported for k = 1 (the accuracy) or k >= classes (1)
     top_k: int = Field(2, ge=1)
     calibration_bins: int = Field(10, ge=1, le=1000)  # equal-width bins of the top-class confidence

@@ -112,6 +112,27 @@ def choose_threshold(params: EvaluateParams, y_val: np.ndarray | None, p_val: np
     }
 
 
+def operating_points(
+    params: EvaluateParams, y_val: np.ndarray, p_val: np.ndarray, y_test: np.ndarray, p_test: np.ndarray
+) -> dict[str, dict]:
+    """The test decision metrics at cut-offs chosen on val: Youden's and each of ``operating_sensitivities``.
+
+    Every cut-off is chosen on val, as the one in use is, so the table shows the trade-off without
+    tuning on test. Where the val split is unlike the test population, its val and test figures part ways.
+    """
+    rules = {"youden": {"threshold": "youden"}}
+    rules |= {
+        f"sensitivity_{target:g}": {"threshold": "target_sensitivity", "target_sensitivity": target}
+        for target in params.operating_sensitivities
+    }
+    points = {}
+    for name, rule in rules.items():
+        chosen = choose_threshold(params.model_copy(update=rule), y_val, p_val)
+        decided = predicted_labels(_two_columns(p_test), chosen["value"])
+        points[name] = {**chosen, **threshold_metrics(y_test, decided, 2)}
+    return points
+
+
 def _two_columns(p1: np.ndarray) -> np.ndarray:
     return np.column_stack([1.0 - p1, p1])
 
@@ -402,14 +423,22 @@ def classification_metrics(
 
 
 def evaluation_metrics(
-    y_true: np.ndarray, probs: np.ndarray, classes: list[str], params: EvaluateParams, threshold: dict | None
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    params: EvaluateParams,
+    threshold: dict | None,
+    operating: dict[str, dict] | None = None,
 ) -> dict:
-    """metrics.json: the test metrics at the chosen decision rule, at 0.5 (two classes) and their CIs."""
+    """metrics.json: the test metrics at the chosen decision rule, at 0.5 and at the operating points
+    (two classes), and their CIs."""
     value = None if threshold is None else threshold["value"]
     metrics = classification_metrics(y_true, probs, classes, value, params.top_k, params.calibration_bins)
     if threshold is not None:
         metrics["threshold"] = threshold
         metrics["at_0.5"] = threshold_metrics(y_true, predicted_labels(probs, 0.5), len(classes))
+    if operating:
+        metrics["operating_points"] = operating
     y_pred = predicted_labels(probs, value)
     intervals = confidence_intervals(
         np.asarray(y_true, dtype=np.int64),
@@ -476,6 +505,16 @@ def _is_number(value: object) -> bool:
 
 # settings echoed in metrics.json for readers of that file; MLflow has them as params already
 _NOT_LOGGED = ("ci_level", "bootstrap_resamples", "confusion_matrix")
+# what MLflow gets of each operating point (metrics.json has them whole)
+OPERATING_POINT_LOGGED = (
+    "value",
+    "val_sensitivity",
+    "val_specificity",
+    "accuracy",
+    "balanced_accuracy",
+    "sensitivity",
+    "specificity",
+)
 
 
 def flat_metrics(metrics: dict) -> dict[str, float]:
@@ -495,6 +534,10 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
             for name, interval in value.items():
                 if interval is not None:
                     flat[f"ci.{name}.low"], flat[f"ci.{name}.high"] = interval["low"], interval["high"]
+        elif key == "operating_points":
+            for name, point in value.items():
+                logged = (k for k in OPERATING_POINT_LOGGED if _is_number(point.get(k)))
+                flat |= {f"{key}.{name}.{k}": point[k] for k in logged}
         elif isinstance(value, dict):
             flat |= {f"{key}.{k}": v for k, v in value.items() if _is_number(v)}
         elif _is_number(value):
@@ -573,21 +616,25 @@ def evaluate(
     data = load_augmented(augmented_dir)
     names = data.classes
     test = data.split("test")
-    # only two classes have a threshold to choose, and only a rule other than fixed needs val
-    val = data.split("val") if len(names) == 2 and params.threshold != "fixed" else None
+    # only two classes have a threshold to choose; a rule other than fixed needs val, the operating
+    # points use it when it is there
+    has_val = "val" in data.splits and bool(data.splits["val"].paths)
+    val = data.split("val") if len(names) == 2 and (params.threshold != "fixed" or has_val) else None
     model = load_model(model_path)
     run_params = {**section_dict(params, "evaluate"), "train_frozen.weights": backbone_weights}
     # the model's digest: how `tlpipe promote` finds the run that evaluated it
     run_tags = {"tlpipe.weights": backbone_weights, "tlpipe.model_digest": path_digest(model_path)}
     with tracking.stage_run("evaluate", run_params, tags=run_tags):
         probs = predict_probabilities(model, test, params.batch_size)
-        threshold = None
+        threshold = operating = None
         if len(names) == 2:
             p_val = None if val is None else predict_probabilities(model, val, params.batch_size)[:, 1]
             threshold = choose_threshold(params, None if val is None else val.labels, p_val)
             if threshold["chosen_on"] == "fallback":
                 print(f"evaluate: warning: threshold 0.5 used: {threshold['reason']}", file=sys.stderr)
-        metrics = evaluation_metrics(test.labels, probs, names, params, threshold)
+            if val is not None:
+                operating = operating_points(params, val.labels, p_val, test.labels, probs[:, 1])
+        metrics = evaluation_metrics(test.labels, probs, names, params, threshold, operating)
         y_pred = predicted_labels(probs, None if threshold is None else threshold["value"])
         with atomic_dir(Path(out_dir)) as scratch:
             write_outputs(scratch, test, probs, y_pred, metrics, names, params.calibration_bins)

@@ -266,6 +266,25 @@ def at_half_table(metrics: dict) -> list[list[str]] | None:
     return rows if len(rows) > 1 else None
 
 
+def operating_points_table(metrics: dict) -> list[list[str]] | None:
+    """Each val-chosen cut-off with its val sensitivity and specificity and its test figures."""
+    points = metrics.get("operating_points")
+    if not isinstance(points, dict) or not points:
+        return None
+    rows = [["cut-off chosen on val by", "cut-off", "val sensitivity", "val specificity"]]
+    rows[0] += [f"test {metric_label(k)}" for k in ("accuracy", "sensitivity", "specificity")]
+    for name, point in points.items():
+        rule = "Youden's J" if name == "youden" else name.replace("sensitivity_", "sensitivity >= ")
+        if point.get("chosen_on") == "fallback":
+            rule += f" (not applicable: {point.get('reason', 'no reason')}; 0.5 used)"
+        rows.append(
+            [rule, f"{point['value']:.4f}"]
+            + [format_metric(point.get(k)) for k in ("val_sensitivity", "val_specificity")]
+            + [format_metric(point.get(k)) for k in ("accuracy", "sensitivity", "specificity")]
+        )
+    return rows
+
+
 def metrics_table(metrics: dict) -> list[list[str]]:
     rows = [["class", "precision", "recall", "F1", "support"]]
     for cls, v in metrics.get("per_class", {}).items():
@@ -890,6 +909,16 @@ def headline_section(metrics: dict, classes: list[str]) -> str:
     if at_half:
         parts.append(
             _p("The same decision metrics at the conventional cut-off of 0.5:") + _html_table(at_half)
+        )
+    points = operating_points_table(metrics)
+    if points:
+        parts.append(
+            _p(
+                "Other operating points, each cut-off chosen on the val split as the one used was "
+                "(set one with evaluate.threshold): where the test figures part from the val ones, the val "
+                "split does not look like the test population."
+            )
+            + _html_table(points)
         )
     return "".join(parts)
 
