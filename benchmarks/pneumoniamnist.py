@@ -84,7 +84,16 @@ def run_recipe(name: str, npz: Path, overrides: list[str], log_dir: Path) -> dic
         return {"recipe": name, "overrides": overrides, "seconds": seconds,
                 "total_seconds": round(sum(seconds.values()), 1), "cpu_seconds": cpu,
                 "total_cpu_seconds": round(sum(cpu.values()), 1), "accuracy": metrics["accuracy"],
-                "roc_auc": metrics["roc_auc"], "macro_f1": metrics["macro_f1"], "n_test": metrics["n_test"]}  # fmt: skip
+                "roc_auc": metrics["roc_auc"], "macro_f1": metrics["macro_f1"], "n_test": metrics["n_test"],
+                "threshold": metrics.get("threshold"), "operating_points": operating_summary(metrics)}  # fmt: skip
+
+
+def operating_summary(metrics: dict) -> dict:
+    """Each val-chosen operating point's cut-off and test accuracy, sensitivity and specificity."""
+    keys = ("value", "accuracy", "sensitivity", "specificity")
+    return {
+        name: {k: point.get(k) for k in keys} for name, point in metrics.get("operating_points", {}).items()
+    }
 
 
 def _children_cpu_seconds() -> float:
