@@ -379,7 +379,7 @@ def test_two_classes_list_the_val_chosen_operating_points(tmp_path: Path) -> Non
     fallback = {"rule": "target_sensitivity", "value": 0.5, "chosen_on": "fallback", "reason": "no val"}
     metrics = {**BINARY, "operating_points": {"youden": youden, "sensitivity_0.9": strict, "x": fallback}}
     headline = _section(_report(_inputs(tmp_path, metrics=metrics))[0], "headline")
-    assert "Other operating points, each cut-off chosen on the val split" in headline
+    assert "Other operating points. Each cut-off is chosen on the val split" in headline
     assert "<th>cut-off chosen on val by</th><th>cut-off</th><th>val sensitivity</th>" in headline
     assert "<tr><td>Youden&#x27;s J</td><td>0.3125</td><td>0.9000</td><td>0.8500</td>" in headline
     row = "<tr><td>sensitivity &gt;= 0.9</td><td>0.9375</td><td>0.9000</td><td>1.0000</td><td>0.7000</td>"

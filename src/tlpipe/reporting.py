@@ -914,8 +914,8 @@ def headline_section(metrics: dict, classes: list[str]) -> str:
     if points:
         parts.append(
             _p(
-                "Other operating points, each cut-off chosen on the val split as the one used was "
-                "(set one with evaluate.threshold): where the test figures part from the val ones, the val "
+                "Other operating points. Each cut-off is chosen on the val split, as the one in use is "
+                "(evaluate.threshold picks the rule). Test figures far from the val ones mean that the val "
                 "split does not look like the test population."
             )
             + _html_table(points)
