@@ -21,8 +21,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from tlpipe.datasets import SplitData, load_augmented
-from tlpipe.training import load_model
+from tlpipe.data.datasets import SplitData, load_augmented
+from tlpipe.model.storage import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 

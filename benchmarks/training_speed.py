@@ -29,10 +29,10 @@ from pathlib import Path
 
 import keras
 
-from tlpipe import training
-from tlpipe.config import FineTuneParams, TrainFrozenParams
-from tlpipe.datasets import image_dataset, load_augmented
-from tlpipe.optimization import encode_labels
+from tlpipe.train import training
+from tlpipe.core.config import FineTuneParams, TrainFrozenParams
+from tlpipe.data.datasets import image_dataset, load_augmented
+from tlpipe.train.optimization import encode_labels
 
 
 def timed(fn) -> tuple[object, float]:

@@ -2,8 +2,8 @@
 
 import sys
 
-from tlpipe.augmentation import augment_dataset
-from tlpipe.cli import stage_main
+from tlpipe.data.augmentation import augment_dataset
+from tlpipe.stage_runner import stage_main
 
 if __name__ == "__main__":
     sys.exit(

@@ -2,8 +2,8 @@
 
 import sys
 
-from tlpipe.cli import stage_main
-from tlpipe.sources import download
+from tlpipe.stage_runner import stage_main
+from tlpipe.data.sources import download
 
 if __name__ == "__main__":
     sys.exit(stage_main("download", [], ["out"], lambda p, a: download(p.data, a.out)))

@@ -2,8 +2,8 @@
 
 import sys
 
-from tlpipe.cli import stage_main
-from tlpipe.training import fine_tune
+from tlpipe.stage_runner import stage_main
+from tlpipe.train.training import fine_tune
 
 if __name__ == "__main__":
     sys.exit(

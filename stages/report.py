@@ -2,8 +2,8 @@
 
 import sys
 
-from tlpipe.cli import stage_main
-from tlpipe.reporting import report_stage
+from tlpipe.stage_runner import stage_main
+from tlpipe.report.reporting import report_stage
 
 if __name__ == "__main__":
     sys.exit(

@@ -2,8 +2,8 @@
 
 import sys
 
-from tlpipe.cli import stage_main
-from tlpipe.training import train_frozen
+from tlpipe.stage_runner import stage_main
+from tlpipe.train.training import train_frozen
 
 if __name__ == "__main__":
     sys.exit(

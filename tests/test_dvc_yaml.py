@@ -10,7 +10,22 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC = yaml.safe_load((REPO / "dvc.yaml").read_text())
+RAW_SPEC = yaml.safe_load((REPO / "dvc.yaml").read_text())
+VARS = {k: v for entry in RAW_SPEC.get("vars", []) for k, v in entry.items()}
+
+
+def resolved(node: object) -> object:
+    """dvc.yaml with its ``${name}`` vars filled in, as DVC reads it (keys included)."""
+    if isinstance(node, str):
+        return re.sub(r"\$\{(\w+)\}", lambda m: str(VARS[m.group(1)]), node)
+    if isinstance(node, dict):
+        return {resolved(k): resolved(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [resolved(v) for v in node]
+    return node
+
+
+SPEC = resolved(RAW_SPEC)
 STAGES = SPEC["stages"]
 
 
@@ -18,34 +33,54 @@ def tlpipe_imports(path: Path) -> set[str]:
     """Modules of tlpipe a file imports anywhere (top level or inside functions)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            if node.module == "tlpipe":
-                found |= {f"tlpipe.{alias.name}" for alias in node.names}
-            elif node.module.startswith("tlpipe."):
-                found.add(node.module)
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "tlpipe":
+            for alias in node.names:  # `from tlpipe.core import tracking` imports a module
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if module_file(sub) else node.module)
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("tlpipe.")}
     return found
 
 
-def module_file(module: str) -> str:
-    return f"src/{module.replace('.', '/')}.py"
+def module_file(module: str) -> str | None:
+    """The file of a tlpipe module or package, relative to the repository; None if there is none."""
+    base = f"src/{module.replace('.', '/')}"
+    for candidate in (f"{base}.py", f"{base}/__init__.py"):
+        if (REPO / candidate).is_file():
+            return candidate
+    return None
 
 
-# code a module runs without importing it: MLflow loads serving_model.py by path (models from code)
-RUNS_BY_PATH = {"src/tlpipe/serving.py": ["src/tlpipe/serving_model.py"]}
+def packages_of(module: str) -> list[str]:
+    """The package __init__ files Python runs before a module: tlpipe's, then its subpackage's."""
+    parts = module.split(".")
+    return [f"src/{'/'.join(parts[:i])}/__init__.py" for i in range(1, len(parts))]
+
+
+# code a module runs without importing it: MLflow loads pyfunc_model.py by path (models from code)
+RUNS_BY_PATH = {"src/tlpipe/serve/pyfunc.py": ["src/tlpipe/serve/pyfunc_model.py"]}
 
 
 def code_closure(script: str) -> set[str]:
-    """The stage script and every tlpipe module it can reach."""
+    """The stage script and every tlpipe file it can reach, package __init__ files included."""
     seen, todo = set(), [script]
     while todo:
         path = todo.pop()
         if path in seen:
             continue
         seen.add(path)
-        todo += [module_file(m) for m in tlpipe_imports(REPO / path)] + RUNS_BY_PATH.get(path, [])
+        for module in tlpipe_imports(REPO / path):
+            todo += [module_file(module), *packages_of(module)]
+        todo += RUNS_BY_PATH.get(path, [])
     return seen
+
+
+def declared_unit(path: str) -> str:
+    """What dvc.yaml names for a code file: its subpackage folder, or the file itself at the top."""
+    parts = Path(path).parts
+    if parts[:2] == ("src", "tlpipe") and len(parts) > 3:
+        return "/".join(parts[:3])
+    return path
 
 
 def test_files_run_by_path_are_named_by_their_module():
@@ -61,14 +96,14 @@ def script_of(stage: dict) -> str:
 @pytest.mark.parametrize("name", sorted(STAGES))
 def test_stage_declares_exactly_the_code_it_runs(name):
     stage = STAGES[name]
-    declared = {d for d in stage["deps"] if d.endswith(".py")}
-    assert declared == code_closure(script_of(stage))
+    declared = {d for d in stage["deps"] if d.startswith(("src/", "stages/"))}
+    assert declared == {declared_unit(p) for p in code_closure(script_of(stage))}
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))
 def test_stage_paths_are_relative_and_on_its_command_line(name):
     stage = STAGES[name]
-    paths = [d for d in stage["deps"] if not d.endswith(".py")]
+    paths = [d for d in stage["deps"] if not d.startswith(("src/", "stages/"))]
     for kind in ("outs", "metrics", "plots"):
         paths += [next(iter(e)) if isinstance(e, dict) else e for e in stage.get(kind, [])]
     named = re.findall(r"--[\w-]+ (\S+)", stage["cmd"])

@@ -36,14 +36,14 @@ TIMEOUT_S = 900
 PAUSE_AFTER_FIRST_CSV = """
 import os, runpy, sys, time
 from pathlib import Path
-from tlpipe import manifest
-write_csv = manifest.write_csv
+from tlpipe.core import files
+write_csv = files.write_csv
 def write_csv_then_hang(path, rows, fields):
     write_csv(path, rows, fields)
     Path(os.environ["TLPIPE_PAUSED"]).write_text(str(path))
     while True:
         time.sleep(0.05)
-manifest.write_csv = write_csv_then_hang  # before the stage's modules import it
+files.write_csv = write_csv_then_hang  # before the stage's modules import it
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

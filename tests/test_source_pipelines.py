@@ -30,7 +30,7 @@ from source_fixtures import (
     write_bad_files,
     zip_folder,
 )
-from tlpipe.manifest import read_csv
+from tlpipe.core.files import read_csv
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -148,9 +148,9 @@ PNEUMONIAMNIST = REPO.parent / "shared" / "data" / "pneumoniamnist.npz"
 
 @pytest.mark.skipif(not PNEUMONIAMNIST.is_file(), reason=f"real data not present at {PNEUMONIAMNIST}")
 def test_real_pneumoniamnist_keeps_its_official_split(tmp_path):
-    from tlpipe.config import DataParams, MedmnistParams, SplitParams
-    from tlpipe.sources import download
-    from tlpipe.splitting import split_dataset
+    from tlpipe.core.config import DataParams, MedmnistParams, SplitParams
+    from tlpipe.data.sources import download
+    from tlpipe.data.splitting import split_dataset
 
     data = DataParams(source="medmnist", medmnist=MedmnistParams(path=str(PNEUMONIAMNIST)))
     summary = download(data, tmp_path / "raw")
@@ -176,9 +176,9 @@ def test_real_pneumoniamnist_keeps_its_official_split(tmp_path):
 def test_url_archive_with_path_traversal_is_refused_naming_the_url(tmp_path):
     import zipfile
 
-    from tlpipe.config import DataParams, UrlParams
-    from tlpipe.errors import PipelineError
-    from tlpipe.sources import download
+    from tlpipe.core.config import DataParams, UrlParams
+    from tlpipe.core.errors import PipelineError
+    from tlpipe.data.sources import download
 
     archive = tmp_path / "evil.zip"
     with zipfile.ZipFile(archive, "w") as zf:

@@ -2,6 +2,6 @@
 
 import sys
 
-from tlpipe.commands import main
+from tlpipe.command_line import main
 
 sys.exit(main())

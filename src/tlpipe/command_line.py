@@ -1,0 +1,47 @@
+"""The ``tlpipe`` command: one entry point, a subcommand per tool.
+
+Each subcommand's module exposes ``add_arguments(parser)`` and ``run(args) -> int``;
+it is imported only when named, so ``tlpipe predict`` does not pay for MLflow's
+registry code and ``tlpipe promote`` does not load image decoders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from tlpipe.core.errors import PipelineError
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "predict": ("tlpipe.serve.predict", "classify image files or folders; CSV to stdout or --out"),
+    "promote": (
+        "tlpipe.ops.registry",
+        "register the evaluated model as challenger; promote it to champion if it wins",
+    ),
+    "retrain": (
+        "tlpipe.ops.retrain",
+        "dvc pull, dvc repro, promotion gate, dvc push: the scheduled retraining job",
+    ),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="tlpipe", description="tlpipe command-line tools")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        commands.add_parser(name, help=help_text, add_help=False)
+    # parse only the command name here; the command's own parser takes the rest
+    known, _ = parser.parse_known_args(argv[:1] or argv)
+    module = importlib.import_module(COMMANDS[known.command][0])
+    sub = argparse.ArgumentParser(prog=f"tlpipe {known.command}", description=COMMANDS[known.command][1])
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[1:])
+    try:
+        return module.run(args)
+    except (PipelineError, FileNotFoundError) as err:
+        print(f"tlpipe {known.command}: error: {err}", file=sys.stderr)
+        return 1

@@ -1,0 +1,463 @@
+"""The one typed, validated view of ``params.yaml``.
+
+Every stage builds a :class:`Params` from the file before it does any work, so a
+typo or an out-of-range value fails fast with a message that names the key, the
+value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from tlpipe.core.errors import PipelineError
+
+
+def _probability(default: float):
+    return Field(default, ge=0.0, le=1.0)
+
+
+class ConfigError(PipelineError, ValueError):
+    """params.yaml is missing, unreadable or does not fit the schema."""
+
+
+class _Section(BaseModel):
+    # forbid: an unknown key is almost always a typo that would otherwise be ignored silently
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: object, info: ValidationInfo) -> object:
+        # YAML reads yes/no/on/off/true/false as booleans, and pydantic would take True as the number 1
+        if not isinstance(value, bool):
+            return value
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return value  # a section: pydantic says it wants a mapping
+        # `mixed_precision: off`, as the comment in params.yaml says: the word was meant, not False
+        word = next((w for w in _YAML_BOOLEAN_WORDS[value] if w in _literal_values(annotation)), None)
+        if word is not None:
+            return word
+        # ValueError, not TypeError: pydantic turns only ValueError into a validation error
+        raise ValueError(
+            f"expected {describe_type(annotation)}, not a boolean "
+            "(YAML reads yes/no/on/off/true/false as booleans: quote a word)"
+        )
+
+
+# the words PyYAML reads as booleans (in any case)
+_YAML_BOOLEAN_WORDS = {True: ("on", "yes", "true"), False: ("off", "no", "false")}
+
+
+def _members(annotation: object) -> list[object]:
+    """The alternatives of a type: ``int | Literal['all']`` -> [int, Literal['all']] (Annotated unwrapped)."""
+    if get_origin(annotation) is Annotated:
+        return _members(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, type(int | None)):
+        return [m for arg in get_args(annotation) for m in _members(arg)]
+    return [annotation]
+
+
+def _literal_values(annotation: object) -> list[object]:
+    return [v for m in _members(annotation) if get_origin(m) is Literal for v in get_args(m)]
+
+
+def describe_type(annotation: object) -> str:
+    """What a field takes, in words, e.g. "an integer or 'all'"."""
+    names = {int: "an integer", float: "a number", str: "text", type(None): "null"}
+    parts = []
+    for member in _members(annotation):
+        if get_origin(member) is Literal:
+            parts.append("one of " + ", ".join(repr(v) for v in get_args(member)))
+        elif get_origin(member) is list:
+            parts.append("a list")
+        else:
+            parts.append(names.get(member, getattr(member, "__name__", str(member))))
+    return " or ".join(parts)
+
+
+class DemoParams(_Section):
+    images_per_class: int = Field(200, ge=4, le=100_000)
+    image_size: int = Field(64, ge=16, le=1024)
+    seed: int = 0
+
+
+class FolderParams(_Section):
+    # one subfolder per class, or train/val/test subfolders each holding one subfolder per class
+    path: str | None = None
+
+
+class CsvParams(_Section):
+    images: str | None = None  # folder the CSV's paths are relative to
+    file: str | None = None  # the CSV of labels
+    path_column: str = "image_id"
+    label_column: str = "dx"
+    extension: str = ""  # appended to each path, e.g. ".jpg" for HAM10000's image_id
+    group_column: str | None = None  # e.g. HAM10000's lesion_id: rows sharing it stay in one split
+    split_column: str | None = None  # a column of train/val/test, when the CSV brings its own split
+
+
+class MedmnistParams(_Section):
+    name: str | None = None  # e.g. pneumoniamnist, dermamnist
+    size: Literal[28, 64, 128, 224] = 28
+    path: str | None = None  # a local .npz in the MedMNIST layout instead of the download
+
+
+class UrlParams(_Section):
+    url: str | None = None  # http(s):// or file:// to a .zip, .tar.gz or .tgz
+    sha256: str | None = None  # required: a download that does not match is never used
+    subdir: str | None = None  # folder inside the archive holding the class (or split) folders
+    max_extracted_bytes: int = Field(20_000_000_000, ge=1)
+    max_members: int = Field(1_000_000, ge=1)
+
+
+class DataParams(_Section):
+    source: Literal["demo", "folder", "csv", "medmnist", "url"] = "demo"
+    classes: list[str] | None = None
+    min_image_size: int = Field(8, ge=1)
+    max_image_pixels: int = Field(50_000_000, ge=1)
+    max_rejected_fraction: float = Field(0.1, ge=0.0, le=1.0)  # above it the stage fails
+    # what every image is converted to; grayscale (X-rays) stores a third of the bytes and the
+    # training input pipeline repeats the one channel for the RGB backbone
+    channels: Literal["rgb", "grayscale"] = "rgb"
+    demo: DemoParams = DemoParams()
+    folder: FolderParams = FolderParams()
+    csv: CsvParams = CsvParams()
+    medmnist: MedmnistParams = MedmnistParams()
+    url: UrlParams = UrlParams()
+
+    @model_validator(mode="after")
+    def _source_is_configured(self) -> DataParams:
+        required = {
+            "folder": [("folder.path", self.folder.path)],
+            "csv": [("csv.images", self.csv.images), ("csv.file", self.csv.file)],
+            "medmnist": [("medmnist.name or data.medmnist.path", self.medmnist.name or self.medmnist.path)],
+            "url": [("url.url", self.url.url), ("url.sha256", self.url.sha256)],
+        }
+        for key, value in required.get(self.source, []):
+            if not value:
+                raise ValueError(f"data.source is '{self.source}' but data.{key} is not set")
+        if self.url.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.url.sha256):
+            raise ValueError(f"data.url.sha256 must be 64 hex digits, got {self.url.sha256!r}")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"data.classes has duplicates: {self.classes}")
+        if self.classes is not None and len(self.classes) < 2:
+            raise ValueError(f"data.classes needs at least 2 classes (or null for all), got {self.classes}")
+        return self
+
+
+class SplitParams(_Section):
+    # both > 0: training stops early on val, and evaluate needs a test split
+    val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    seed: int = 42
+    # a regex on the file name whose first group names the group (e.g. a patient id):
+    # images of one group never sit in two splits
+    group_pattern: str | None = None
+    # exact duplicates (same decoded pixels): keep_one drops all copies but one;
+    # keep_first_split keeps the copies that sit in the first split holding one (train, val, test)
+    duplicates: Literal["keep_one", "keep_first_split"] = "keep_first_split"
+    # when the source brings its own splits: keep them as given, or re-split train+val (test kept)
+    source_splits: Literal["keep", "resplit_train_val"] = "keep"
+
+    @field_validator("group_pattern")
+    @classmethod
+    def _one_capturing_group(cls, pattern: str | None) -> str | None:
+        if pattern is None:
+            return None
+        try:
+            compiled = re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"not a valid regular expression: {err}") from None
+        if compiled.groups < 1:
+            raise ValueError("needs one capturing group, e.g. 'person(\\d+)_'")
+        return pattern
+
+    @model_validator(mode="after")
+    def _leaves_training_data(self) -> SplitParams:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError(
+                "split.val_fraction + split.test_fraction must be < 0.9 "
+                f"(got {self.val_fraction} + {self.test_fraction})"
+            )
+        return self
+
+
+class AugmentParams(_Section):
+    image_size: int = Field(64, ge=32, le=1024)
+    copies: int = Field(2, ge=0, le=100)
+    seed: int = 42
+    horizontal_flip: float = _probability(0.5)
+    vertical_flip: float = _probability(0.0)
+    rotate_limit: float = Field(15.0, ge=0.0, le=180.0)
+    shift_limit: float = Field(0.05, ge=0.0, le=0.5)
+    scale_limit: float = Field(0.1, ge=0.0, le=0.9)
+    crop_scale: float = Field(1.0, ge=0.05, le=1.0)
+    brightness_limit: float = Field(0.2, ge=0.0, le=1.0)
+    contrast_limit: float = Field(0.2, ge=0.0, le=1.0)
+    probability: float = _probability(0.7)
+
+
+BACKBONES = (
+    "efficientnet_lite0",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "efficientnet_b1",
+    "efficientnet_b2",
+    "efficientnet_b3",
+    "efficientnetv2_b0",
+    "resnet50",
+    "resnet50_v2",
+    "densenet121",
+    "inception_v3",
+    "vgg16",
+    "convnext_tiny",
+)
+Backbone = Literal[BACKBONES]  # the keys of tlpipe.model.backbones.REGISTRY (a test keeps them equal)
+
+
+class TrainingPhaseParams(_Section):
+    batch_size: int = Field(32, ge=1)
+    epochs: int = Field(40, ge=1)
+    learning_rate: float = Field(1e-3, gt=0.0)
+    patience: int = Field(5, ge=1)  # epochs without a better val_loss before stopping
+    seed: int = 42
+    optimizer: Literal["adam", "adamw", "sgd", "sgd_nesterov", "rmsprop"] = "adam"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd, sgd_nesterov and rmsprop
+    weight_decay: float = Field(0.0, ge=0.0, lt=1.0)  # decoupled, applied by the optimizer
+    clip_norm: float | None = Field(None, gt=0.0)  # clip each gradient to this L2 norm
+    schedule: Literal["constant", "cosine", "step", "plateau"] = "constant"
+    warmup_epochs: int = Field(0, ge=0)  # linear warm-up epochs before the schedule (not plateau)
+    decay_every: int = Field(10, ge=1)  # step schedule: epochs between drops
+    decay_factor: float = Field(0.1, gt=0.0, lt=1.0)  # step and plateau schedules
+    plateau_patience: int = Field(2, ge=1)  # plateau schedule: epochs without improvement
+    min_learning_rate: float = Field(0.0, ge=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    # auto: balanced weights when the largest class is over 1.5x the smallest in the train split
+    class_weight: Literal["auto", "balanced", "none"] = "auto"
+    # auto: mixed_float16 when a GPU is visible, float32 otherwise (CPUs gain nothing from it)
+    mixed_precision: Literal["auto", "off"] = "auto"
+    # none: the default device; mirrored: every local GPU; multi_worker: the cluster in TF_CONFIG
+    distribution: Literal["none", "mirrored", "multi_worker"] = "none"
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainingPhaseParams:
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must not exceed epochs ({self.epochs})")
+        if self.warmup_epochs and self.schedule == "plateau":
+            raise ValueError("warmup_epochs does not combine with schedule: plateau (set warmup_epochs: 0)")
+        return self
+
+
+class TrainFrozenParams(TrainingPhaseParams):
+    backbone: Backbone = "efficientnet_lite0"
+    weights: str = "imagenet"  # imagenet | none | path to a weights file
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    head_l2: float = Field(0.0, ge=0.0)  # L2 penalty on the head's kernel
+
+
+class FineTuneParams(TrainingPhaseParams):
+    # top backbone blocks to train, or "all" (every block, whatever the backbone has)
+    unfreeze_blocks: Annotated[int, Field(ge=0)] | Literal["all"] = Field("all", union_mode="left_to_right")
+    # a backbone layer name: it and every layer above it train (instead of unfreeze_blocks)
+    unfreeze_from: str | None = None
+    # >0: start with the top block and unfreeze one more every this many epochs (gradual unfreezing)
+    unfreeze_every: int = Field(0, ge=0)
+    epochs: int = Field(4, ge=1)
+    learning_rate: float = Field(3e-4, gt=0.0)
+    schedule: Literal["constant", "cosine", "step", "plateau"] = "cosine"
+    warmup_epochs: int = Field(1, ge=0)
+    # the backbone learns at learning_rate * backbone_lr_factor, the head at learning_rate
+    backbone_lr_factor: float = Field(1.0, gt=0.0, le=1.0)
+    # with train_frozen.weights: none there is nothing pretrained to protect: every layer
+    # (BatchNormalization included) trains at this rate
+    scratch_learning_rate: float = Field(1e-3, gt=0.0)
+    patience: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _gradual_needs_blocks(self) -> FineTuneParams:
+        if self.unfreeze_every and self.unfreeze_from is not None:
+            raise ValueError("unfreeze_every works with unfreeze_blocks, not unfreeze_from")
+        return self
+
+
+class EvaluateParams(_Section):
+    batch_size: int = Field(64, ge=1)
+    # two classes: how the cut-off on P(class 1) is set. It is chosen on the val split and then
+    # applied to test, so the test metrics stay an honest estimate; more classes take the argmax
+    threshold: Literal["youden", "target_sensitivity", "fixed"] = "youden"
+    target_sensitivity: float = Field(0.95, gt=0.0, le=1.0)  # threshold: target_sensitivity
+    fixed_threshold: float = Field(0.5, ge=0.0, le=1.0)  # threshold: fixed
+    # two classes: the test metrics at more cut-offs chosen on val (Youden's, and the highest reaching each
+    # of these val sensitivities), so the trade-off is seen before choosing `threshold`; [] for Youden's only
+    operating_sensitivities: list[Annotated[float, Field(gt=0.0, le=1.0, strict=True)]] = Field(
+        default_factory=lambda: [0.9, 0.95, 0.99]
+    )
+    # more than two classes: top-k accuracy, not reported for k = 1 (the accuracy) or k >= classes (1)
+    top_k: int = Field(2, ge=1)
+    calibration_bins: int = Field(10, ge=1, le=1000)  # equal-width bins of the top-class confidence
+    bootstrap_resamples: int = Field(1000, ge=0, le=100_000)  # 0: no confidence intervals
+    ci_level: float = Field(0.95, gt=0.0, lt=1.0)
+    seed: int = 0  # the bootstrap's resampling
+
+
+# the test metrics a short summary shows (report summary.md, the retrain job's summary), in reading order
+SUMMARY_METRICS = (
+    "accuracy",
+    "balanced_accuracy",
+    "sensitivity",
+    "specificity",
+    "macro_f1",
+    "roc_auc",
+    "pr_auc",
+    "ece",
+)
+
+# the test metrics a promotion can be decided on, and whether higher is better
+PROMOTION_METRICS = {
+    "roc_auc": True,
+    "pr_auc": True,
+    "accuracy": True,
+    "balanced_accuracy": True,
+    "macro_f1": True,
+    "weighted_f1": True,
+    "log_loss": False,
+    "brier": False,
+    "ece": False,
+}
+
+
+class RegistryParams(_Section):
+    # the MLflow registered model that `tlpipe promote` adds versions to
+    model_name: str = Field(
+        "tlpipe-classifier", min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][\w.\- ]*$"
+    )
+    # the test metric (results/evaluate/metrics.json) the challenger must win on
+    metric: Literal[tuple(PROMOTION_METRICS)] = "roc_auc"
+    # the challenger becomes champion only when it beats the champion by more than this
+    margin: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class Params(_Section):
+    data: DataParams = DataParams()
+    split: SplitParams = SplitParams()
+    augment: AugmentParams = AugmentParams()
+    train_frozen: TrainFrozenParams = TrainFrozenParams()
+    fine_tune: FineTuneParams = FineTuneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    registry: RegistryParams = RegistryParams()
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    # pydantic reports a value that fits no member of a union once per member: one line per key here
+    by_key: dict[str, list[dict]] = {}
+    for e in err.errors():
+        by_key.setdefault(_dotted_key(e["loc"]), []).append(e)
+    lines = [f"{source}: {len(by_key)} invalid setting(s):"]
+    for key, errors in by_key.items():
+        first = errors[0]
+        if first["type"] == "extra_forbidden":
+            allowed = _allowed_keys(first["loc"][:-1])
+            lines.append(f"  {key}: unknown key; allowed keys here: {', '.join(allowed)}")
+            continue
+        # "Input should be a valid integer; or 'all'": what each member of the union allows
+        alternatives = [errors[0]["msg"], *(e["msg"].removeprefix("Input should be ") for e in errors[1:])]
+        message = "; or ".join(alternatives).removeprefix("Value error, ")
+        value = first.get("input")
+        # a check across keys (a section-level validator) names its values itself: no section dump
+        shown = "" if isinstance(value, dict) and first["type"] == "value_error" else f" (got {value!r})"
+        lines.append(f"  {key}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def _dotted_key(loc: tuple) -> str:
+    """The params key an error is about, without pydantic's union-member tags (``int``, ``literal['all']``)."""
+    parts: list[str] = []
+    model: type[BaseModel] | None = Params
+    for part in loc:
+        if isinstance(part, int):  # a list index, e.g. data.classes.0
+            parts.append(str(part))
+            continue
+        if model is None or part not in model.model_fields:
+            if model is None:  # inside a leaf: a union member's tag, not a key
+                continue
+            parts.append(str(part))  # an unknown key
+            break
+        parts.append(part)
+        annotation = model.model_fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return ".".join(parts) or "(top level)"
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Params
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            break
+        if not issubclass(field.annotation, BaseModel):
+            break
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def parse_params(raw: object, source: str = "params") -> Params:
+    """Validate a mapping (as read from YAML) into :class:`Params`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; run from the repository root") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_params(raw, str(path))
+
+
+def section_dict(section: BaseModel, prefix: str) -> dict[str, object]:
+    """Flatten a section into dotted keys, the form MLflow params take."""
+    flat: dict[str, object] = {}
+    for key, value in section.model_dump().items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, dict):
+            for sub, subvalue in value.items():
+                flat[f"{name}.{sub}"] = subvalue
+        else:
+            flat[name] = value
+    return flat
+
+
+# the sections DVC stages read; registry is read by `tlpipe promote`, after the pipeline
+PIPELINE_SECTIONS = ("data", "split", "augment", "train_frozen", "fine_tune", "evaluate")
+
+
+def flat_params(params: Params, sections: tuple[str, ...] = tuple(Params.model_fields)) -> dict[str, object]:
+    """Every key of the given sections (default: all), as dotted names."""
+    return {k: v for name in sections for k, v in section_dict(getattr(params, name), name).items()}

@@ -1,0 +1,353 @@
+"""MLflow bookkeeping: one run per stage, grouped per pipeline execution, in one experiment.
+
+The store defaults to ``sqlite:///mlflow.db`` (artifacts under ``mlruns/``) in the
+directory DVC runs stages from, the repository root; ``MLFLOW_TRACKING_URI`` and
+``MLFLOW_EXPERIMENT_NAME`` override it as MLflow users expect.
+
+Lineage. DVC starts each stage as its own process, so the stages of one
+``dvc repro`` share nothing but their ancestor process. A stage run is nested
+under a *pipeline run* found by an execution id: ``TLPIPE_EXECUTION_ID`` when
+set (``tlpipe retrain`` sets it), otherwise the id of the ``dvc repro`` / ``dvc exp
+run`` process the stage runs under. Every stage run is tagged with the git commit,
+whether the work tree had changes, digests of its params and inputs, and a digest
+of each output (``tlpipe.output.<path>``). An input is linked
+(``tlpipe.input_run.<path>``) to the run that wrote it, found by that digest, so a
+stage DVC skipped because its outputs were cached still shows, on the pipeline
+run, as ``tlpipe.cached.<stage>`` pointing to the run that produced them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tlpipe.core import constants as C
+from tlpipe.core.files import json_digest, path_digest, read_csv
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "tlpipe"
+EXECUTION_ENV = "TLPIPE_EXECUTION_ID"
+# MLflow's context for a dataset input: what the stage does with it
+DATASET_CONTEXT = {"train-frozen": "training", "fine-tune": "training", "evaluate": "evaluation"}
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What the stage's command line says it reads and writes, set by ``cli.stage_main``."""
+
+    params: Mapping[str, object] = field(default_factory=dict)  # every key, flattened
+    inputs: Sequence[str] = ()
+    outputs: Sequence[str] = ()
+
+
+_context = StageContext()
+_pipeline_run_id: str | None = None  # the current stage's pipeline run, while it runs
+
+
+def set_stage_context(context: StageContext) -> None:
+    global _context
+    _context = context
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def experiment_name() -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+
+
+def check_reachable(uri: str | None = None, timeout: float = 5.0) -> None:
+    """Fail fast, before a stage does any work, when an MLflow tracking server does not answer.
+
+    Otherwise the stage would train for minutes and fail when it logs, and its
+    run would be lost. Local stores (sqlite, files) need no check.
+    """
+    import urllib.error
+    import urllib.request
+
+    from tlpipe.core.errors import PipelineError
+
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    health = uri.rstrip("/") + "/health"  # the MLflow server's liveness endpoint
+    try:
+        with urllib.request.urlopen(health, timeout=timeout) as response:
+            response.read(64)
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise PipelineError(
+            f"MLflow tracking server {uri} is unreachable ({reason}); start it "
+            "(e.g. `mlflow server --host 127.0.0.1 --port 5000`) or set MLFLOW_TRACKING_URI "
+            f"to a reachable server, or unset it to use the local store {DEFAULT_TRACKING_URI}"
+        ) from None
+
+
+def _quiet_mlflow() -> None:
+    # alembic prints a dozen INFO lines on the first use of a new store
+    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@contextmanager
+def stage_run(
+    stage: str, params: Mapping[str, object], tags: Mapping[str, str] | None = None
+) -> Iterator[object]:
+    """An MLflow run for one stage, with its params, lineage tags and dataset inputs logged.
+
+    Nested under the execution's pipeline run when there is one; output digests
+    are tagged once the body has written the outputs.
+    """
+    global _pipeline_run_id
+    import mlflow
+
+    _quiet_mlflow()
+    mlflow.set_tracking_uri(tracking_uri())
+    experiment_id = mlflow.set_experiment(experiment_name()).experiment_id
+    client = mlflow.MlflowClient()
+    inputs = {_key(p): path_digest(p) for p in _context.inputs if Path(p).exists()}
+    execution = execution_id()
+    parent = pipeline_run(client, experiment_id, execution) if execution else None
+    git = _git_tags(client.get_run(parent).data.tags) if parent else git_state()
+    run_tags = {
+        C.STAGE_TAG: stage,
+        C.PARAMS_DIGEST_TAG: json_digest(dict(params)),
+        C.DATA_DIGEST_TAG: json_digest(inputs),
+        **git,
+        **{C.INPUT_TAG_PREFIX + path: digest for path, digest in inputs.items()},
+        **({C.EXECUTION_TAG: execution} if execution else {}),
+        **(tags or {}),
+    }
+    if parent:
+        client.update_run(parent, status="RUNNING")
+    status = "FAILED"
+    try:
+        with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=run_tags) as run:
+            _pipeline_run_id = parent
+            mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+            link_producers(client, experiment_id, run.info.run_id, parent, inputs)
+            log_dataset_inputs(stage, inputs)
+            yield run
+            outputs = {_key(p): path_digest(p) for p in _context.outputs if Path(p).exists()}
+            mlflow.set_tags({C.OUTPUT_TAG_PREFIX + path: digest for path, digest in outputs.items()})
+        status = "FINISHED"
+    finally:
+        _pipeline_run_id = None
+        if parent:
+            client.set_terminated(parent, status)
+
+
+def _key(path: str | Path) -> str:
+    return Path(path).as_posix()
+
+
+def execution_id() -> str | None:
+    """What groups this stage with the others of one pipeline execution, or None if nothing does."""
+    return os.environ.get(EXECUTION_ENV) or dvc_ancestor()
+
+
+def dvc_ancestor() -> str | None:
+    """``dvc-<host>-<pid>-<start time>`` of the ``dvc repro``/``dvc exp run`` this process runs under."""
+    import psutil
+
+    try:
+        process = psutil.Process().parent()
+        while process is not None:
+            if is_dvc_execution(process.cmdline()):
+                return f"dvc-{socket.gethostname()}-{process.pid}-{process.create_time():.2f}"
+            process = process.parent()
+    except psutil.Error:  # an ancestor exited or is not ours to inspect: no grouping
+        return None
+    return None
+
+
+def is_dvc_execution(cmdline: Sequence[str]) -> bool:
+    """``dvc repro ...``, ``dvc exp run ...``, also as ``python -m dvc`` or a path to dvc."""
+    names = [Path(arg).name for arg in cmdline]
+    if "dvc" not in names[:3]:
+        return False
+    rest = names[names.index("dvc") + 1 :]
+    return rest[:1] == ["repro"] or rest[:2] == ["exp", "run"]
+
+
+def pipeline_run(client, experiment_id: str, execution: str) -> str:
+    """The pipeline run of this execution: found by its tag, or created by the first stage that runs."""
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{C.EXECUTION_TAG}` = '{execution}' and tags.`{C.ROLE_TAG}` = 'pipeline'",
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
+    git = git_state()
+    params = {k: _param_value(v) for k, v in _context.params.items()}
+    commit = git.get(C.GIT_COMMIT_TAG, "")[:7] or "no-git"
+    started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    run = client.create_run(
+        experiment_id,
+        run_name=f"pipeline {commit}{'+changes' if git.get(C.GIT_DIRTY_TAG) == 'true' else ''} {started}",
+        tags={
+            C.ROLE_TAG: "pipeline",
+            C.EXECUTION_TAG: execution,
+            C.PARAMS_DIGEST_TAG: json_digest(params),
+            **git,
+        },
+    )
+    from mlflow.entities import Param
+
+    # all params on the pipeline run: two executions compare side by side in the UI
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for start in range(0, len(items), 100):  # the store's limit per batch
+        client.log_batch(run.info.run_id, params=items[start : start + 100])
+    return run.info.run_id
+
+
+def git_state() -> dict[str, str]:
+    """The commit and whether tracked files differ from it, as tags; empty outside a git work tree."""
+    try:
+        commit = _git("rev-parse", "HEAD")
+        changed = _git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {C.GIT_COMMIT_TAG: commit, C.GIT_DIRTY_TAG: "true" if changed else "false"}
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], check=True, capture_output=True, text=True, timeout=30
+    ).stdout.strip()
+
+
+def _git_tags(tags: Mapping[str, str]) -> dict[str, str]:
+    # the pipeline run's: the tree as it was when the execution began, before stages rewrote dvc.lock
+    return {k: v for k, v in tags.items() if k in (C.GIT_COMMIT_TAG, C.GIT_DIRTY_TAG)}
+
+
+def link_producers(
+    client, experiment_id: str, run_id: str, parent: str | None, inputs: Mapping[str, str]
+) -> None:
+    """Tag each input with the run that wrote it; a producer outside this execution was cached by DVC.
+
+    The cached producers' own producers (and theirs) are cached too: all of them
+    are named on the pipeline run.
+    """
+    cached = []
+    for path, digest in inputs.items():
+        producer = find_producer(client, experiment_id, path, digest)
+        if producer is None:
+            continue
+        client.set_tag(run_id, C.INPUT_RUN_TAG_PREFIX + path, producer.info.run_id)
+        if parent and producer.data.tags.get("mlflow.parentRunId") != parent:
+            cached.append(producer)
+    seen = set()
+    while cached:
+        producer = cached.pop()
+        if producer.info.run_id in seen:
+            continue
+        seen.add(producer.info.run_id)
+        client.set_tag(parent, C.CACHED_TAG_PREFIX + producer.data.tags[C.STAGE_TAG], producer.info.run_id)
+        upstream = [v for k, v in producer.data.tags.items() if k.startswith(C.INPUT_RUN_TAG_PREFIX)]
+        cached += [client.get_run(r) for r in upstream if r not in seen]
+
+
+def find_producer(client, experiment_id: str, path: str, digest: str):
+    """The latest finished run that wrote ``path`` with this digest, or None."""
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{C.OUTPUT_TAG_PREFIX}{path}` = '{digest}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return found[0] if found else None
+
+
+def log_dataset_inputs(stage: str, inputs: Mapping[str, str]) -> None:
+    """Each input folder holding a manifest, as an MLflow dataset input (name, digest, source)."""
+    import mlflow
+    import pandas as pd
+
+    for path, digest in inputs.items():
+        manifest = Path(path) / "manifest.csv"
+        if not manifest.is_file():
+            continue
+        with warnings.catch_warnings():
+            # MLflow registers its local-file source twice and warns that it picked one of the two
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            dataset = mlflow.data.from_pandas(
+                pd.DataFrame(read_csv(manifest)),
+                source=Path(path).resolve().as_uri(),
+                name=path,
+                digest=digest[:32],  # the store keeps at most 36 characters
+            )
+        mlflow.log_input(dataset, context=DATASET_CONTEXT.get(stage, stage))
+
+
+def log_pipeline_metrics(metrics: Mapping[str, float]) -> None:
+    """Also log these on the pipeline run, so executions compare on the same names in the UI."""
+    if _pipeline_run_id is None:
+        return
+    import mlflow
+    from mlflow.entities import Metric
+
+    now = int(datetime.now(UTC).timestamp() * 1000)
+    items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    client = mlflow.MlflowClient()
+    for start in range(0, len(items), 1000):
+        client.log_batch(_pipeline_run_id, metrics=items[start : start + 1000])
+
+
+def _param_value(value: object) -> object:
+    return "null" if value is None else value
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_artifact(path: str, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    mlflow.log_artifact(path, artifact_path=artifact_path)
+
+
+def log_keras_model(model, name: str, example_batch) -> None:
+    """Log a Keras model with the Keras flavor and a signature inferred from real inputs.
+
+    No input example: MLflow's Keras flavor writes it before creating the model folder
+    and fails (mlflow/mlflow#16183, open). The raw-image pyfunc model the evaluate
+    stage logs carries one.
+    """
+    import mlflow
+    from mlflow.models import infer_signature
+
+    predictions = model.predict(example_batch, verbose=0)
+    signature = infer_signature(example_batch, predictions)
+    mlflow.keras.log_model(model, name=name, signature=signature, pip_requirements=model_requirements())
+
+
+def model_requirements() -> list[str]:
+    """What serving the model needs, pinned to what trained it.
+
+    Given explicitly because MLflow's own inference starts a subprocess that
+    reloads the model, about ten seconds per logged model.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for package in ("keras", "tensorflow-cpu", "tensorflow", "numpy"):
+        try:
+            pins.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            continue
+    return pins

@@ -1,0 +1,49 @@
+"""An image file as the model's input: decoded, converted to RGB and resized as in training.
+
+``tlpipe predict`` and the served model prepare every image here, the way the
+augment stage prepared the test images (EXIF orientation, RGB, its interpolation),
+so a file gets the same probabilities whichever way it is classified.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tlpipe.core.images import Rejected, decode_image
+from tlpipe.data.augmentation import resize_transform
+
+MAX_PIXELS = 50_000_000  # larger images are refused from their header, before decoding
+
+
+def decode_pixels(open_image: Callable[[], Image.Image], size: int, source: str = "") -> np.ndarray:
+    """Raw RGB pixels as the model saw them in training; raises Rejected with the reason.
+
+    ``source`` is the file name, whose extension is checked; empty for uploaded bytes.
+    """
+    image = decode_image(source, open_image, min_size=1, max_pixels=MAX_PIXELS, mode="RGB")
+    pixels = np.asarray(image, dtype=np.uint8)
+    return resize_transform(size)(image=pixels)["image"].astype(np.float32)
+
+
+def load_pixels(path: Path, size: int) -> np.ndarray:
+    """An image file's pixels, preprocessed as in training; raises Rejected with the reason."""
+    if not path.is_file():
+        raise Rejected("no such file")
+    return decode_pixels(lambda: Image.open(path), size, str(path))
+
+
+class _Upload(io.BytesIO):
+    # Pillow's errors quote the file's repr; a quoted one is stripped by decode_image like a
+    # path, so bytes and files give the same reason (no memory address in it)
+    def __repr__(self) -> str:
+        return "'upload'"
+
+
+def bytes_pixels(data: bytes, size: int) -> np.ndarray:
+    """An image file's bytes (PNG, JPEG, ...), preprocessed as in training; raises Rejected."""
+    return decode_pixels(lambda: Image.open(_Upload(data)), size)

@@ -1,0 +1,394 @@
+"""Data sources for the download stage, normalised to one manifest.
+
+Every source yields ``Candidate`` items (where the image came from, its label and
+a way to open it). :func:`ingest` decodes each one once, rejects what is unusable
+with a reason, and writes the survivors as RGB PNGs plus ``manifest.csv``,
+``rejected.csv`` and ``classes.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+import tempfile
+import urllib.parse
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from tqdm import tqdm
+
+from tlpipe.core.constants import SPLITS
+from tlpipe.core import tracking
+from tlpipe.data.candidates import Candidate
+from tlpipe.core.config import CsvParams, DataParams, DemoParams, MedmnistParams, UrlParams, section_dict
+from tlpipe.core.errors import PipelineError
+from tlpipe.core.images import Rejected, decode_image, png_bytes
+from tlpipe.core.files import MANIFEST_FIELDS, atomic_dir, sha256_bytes, write_csv, write_json
+
+PIL_MODES = {"rgb": "RGB", "grayscale": "L"}
+QUARANTINE = "quarantine.csv"  # every rejected input with its reason
+DEMO_CLASSES = ("circle", "square", "triangle", "cross")
+
+
+@dataclass(frozen=True)
+class IngestSummary:
+    kept: int
+    rejected: int
+    classes: list[str]
+
+    def line(self) -> str:
+        return (
+            f"download: kept {self.kept} images in {len(self.classes)} classes "
+            f"({', '.join(self.classes)}), rejected {self.rejected}"
+        )
+
+
+# ---------------------------------------------------------------- demo source
+
+
+def _shape_points(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tuple]:
+    if kind == "square":
+        corners = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
+        pts = [(x * r * 0.8, y * r * 0.8) for x, y in corners]
+    elif kind == "triangle":
+        pts = [(r * math.cos(a), r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+    elif kind == "cross":
+        w, arm = r * 0.32, r
+        pts = [
+            (-w, -arm),
+            (w, -arm),
+            (w, -w),
+            (arm, -w),
+            (arm, w),
+            (w, w),
+            (w, arm),
+            (-w, arm),
+            (-w, w),
+            (-arm, w),
+            (-arm, -w),
+            (-w, -w),
+        ]
+    else:
+        raise ValueError(kind)
+    c, s = math.cos(angle), math.sin(angle)
+    return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
+
+
+def _random_colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    return tuple(int(v) for v in rng.integers(0, 256, size=3))
+
+
+def render_demo_image(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
+    """One synthetic image: a shape of random colour, size, place and angle on clutter.
+
+    Colours and sizes are drawn independently of the class, and every image gets
+    the same kinds of distractors, so no single pixel statistic gives the class away.
+    """
+    scale = 2  # draw large then downsample, for antialiased edges
+    big = size * scale
+    background = _random_colour(rng)
+    img = Image.new("RGB", (big, big), background)
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(2, 6))):  # distractor strokes
+        x0, y0, x1, y1 = (int(v) for v in rng.integers(0, big, size=4))
+        draw.line((x0, y0, x1, y1), fill=_random_colour(rng), width=int(rng.integers(1, 4) * scale))
+    foreground = _random_colour(rng)
+    while sum(abs(a - b) for a, b in zip(foreground, background)) < 120:
+        foreground = _random_colour(rng)
+    r = float(rng.uniform(0.18, 0.36)) * big
+    cx, cy = (float(v) for v in rng.uniform(r, big - r, size=2))
+    if kind == "circle":
+        ry = r * float(rng.uniform(0.75, 1.0))  # slightly elliptic so radius is no cue
+        draw.ellipse((cx - r, cy - ry, cx + r, cy + ry), fill=foreground)
+    else:
+        angle = float(rng.uniform(0, 2 * math.pi))
+        draw.polygon(_shape_points(kind, cx, cy, r, angle), fill=foreground)
+    img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0, 1.5)) * scale))
+    img = img.resize((size, size), Image.Resampling.BILINEAR)
+    noise = rng.normal(0, float(rng.uniform(4, 20)), size=(size, size, 3))
+    pixels = np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+def demo_candidates(params: DemoParams) -> Iterator[Candidate]:
+    """A deterministic dataset of shapes: the same seed gives the same images."""
+    rng = np.random.default_rng(params.seed)
+    for i in range(params.images_per_class):
+        for kind in DEMO_CLASSES:
+            img = render_demo_image(kind, params.image_size, rng)
+            yield Candidate(source=f"demo/{kind}/{i:05d}", label=kind, open=lambda img=img: img)
+
+
+# -------------------------------------------------------------- folder source
+
+
+SPLIT_FOLDER_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+def _subfolders(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def folder_candidates(root: Path, key: str = "data.folder.path") -> Iterator[Candidate]:
+    """One subfolder per class, or train/val/test folders of class subfolders.
+
+    In the second layout (Kermany's ``chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}``)
+    each image carries its split, which the split stage keeps. The folder is checked
+    at once (not on first iteration), so a wrong path fails before anything is written.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise PipelineError(f"{key}: {root} is not a folder (expected one subfolder per class)")
+    top = _subfolders(root)
+    if not top:
+        raise PipelineError(f"{key}: {root} has no class subfolders")
+    splits = {p.name.lower(): p for p in top if p.name.lower() in SPLIT_FOLDER_NAMES}
+    if splits and len(splits) == len(top):
+        return _split_folder_files(root, [(SPLIT_FOLDER_NAMES[n], p) for n, p in sorted(splits.items())])
+    if splits:
+        raise PipelineError(
+            f"{key}: {root} mixes split folders ({', '.join(sorted(splits))}) with other folders "
+            f"({', '.join(p.name for p in top if p.name.lower() not in splits)}); use one layout"
+        )
+    return _folder_files(root, top, split="")
+
+
+def _split_folder_files(root: Path, split_dirs: list[tuple[str, Path]]) -> Iterator[Candidate]:
+    for split, split_dir in split_dirs:
+        yield from _folder_files(root, _subfolders(split_dir), split)
+
+
+def _folder_files(root: Path, class_dirs: list[Path], split: str) -> Iterator[Candidate]:
+    for class_dir in class_dirs:
+        for path in sorted(class_dir.rglob("*")):
+            if path.is_file() and not path.name.startswith("."):
+                yield Candidate(
+                    source=path.relative_to(root).as_posix(),
+                    label=class_dir.name,
+                    open=lambda path=path: open_image_file(path),
+                    split=split,
+                )
+
+
+# ----------------------------------------------------------------- csv source
+
+
+def csv_candidates(params: CsvParams) -> Iterator[Candidate]:
+    """An image folder plus a CSV of labels, with configurable column names."""
+    images, table = Path(params.images), Path(params.file)
+    if not images.is_dir():
+        raise PipelineError(f"data.csv.images: {images} is not a folder")
+    if not table.is_file():
+        raise PipelineError(f"data.csv.file: {table} not found")
+    with open(table, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        columns = reader.fieldnames or []
+    wanted = {
+        "path_column": params.path_column,
+        "label_column": params.label_column,
+        "group_column": params.group_column,
+        "split_column": params.split_column,
+    }
+    for key, column in wanted.items():
+        if column is not None and column not in columns:
+            raise PipelineError(
+                f"data.csv.{key}: column {column!r} not in {table} (columns: {', '.join(columns)})"
+            )
+    return (_csv_candidate(images, row, params) for row in rows)
+
+
+def _csv_candidate(images: Path, row: dict[str, str], params: CsvParams) -> Candidate:
+    rel = (row[params.path_column] or "").strip() + params.extension
+    split = (row[params.split_column] or "").strip().lower() if params.split_column else ""
+    return Candidate(
+        source=rel,
+        label=(row[params.label_column] or "").strip(),
+        open=lambda: _open_inside(images, rel),
+        split=SPLIT_FOLDER_NAMES.get(split, split),
+        group=(row[params.group_column] or "").strip() if params.group_column else "",
+    )
+
+
+def _open_inside(root: Path, rel: str) -> Image.Image:
+    """Open ``root/rel``, refusing paths that climb out of ``root``."""
+    path = (root / rel).resolve()
+    if Path(rel).is_absolute() or not path.is_relative_to(root.resolve()):
+        raise Rejected(f"path outside data.csv.images: {rel}")
+    if not path.is_file():
+        raise Rejected("listed in the CSV but no such file")
+    return open_image_file(path)
+
+
+def open_image_file(path: Path) -> Image.Image:
+    """Open a file as an image, turning the usual failures into specific reasons."""
+    try:
+        if path.stat().st_size == 0:
+            raise Rejected("empty file (0 bytes)")
+        return Image.open(path)
+    except PermissionError:
+        raise Rejected("unreadable file (permission denied)") from None
+    except Image.UnidentifiedImageError:
+        raise Rejected("not an image (unrecognised format)") from None
+
+
+# ------------------------------------------------------- medmnist and url sources
+
+
+def medmnist_source(params: MedmnistParams) -> Iterator[Candidate]:
+    from tlpipe.data.medmnist import medmnist_candidates
+
+    with tempfile.TemporaryDirectory(prefix="tlpipe-download-") as workdir:
+        yield from medmnist_candidates(params, Path(workdir))
+
+
+def url_source(params: UrlParams) -> Iterator[Candidate]:
+    """An archive of a folder dataset: fetched, hash-checked, unpacked safely, read as a folder."""
+    from tlpipe.data.archives import extract_archive, fetch
+
+    with tempfile.TemporaryDirectory(prefix="tlpipe-download-") as workdir:
+        name = Path(urllib.parse.urlparse(params.url).path).name or "archive"
+        archive = fetch(params.url, Path(workdir) / name, sha256=params.sha256)
+        try:
+            root = extract_archive(
+                archive,
+                Path(workdir) / "extracted",
+                max_bytes=params.max_extracted_bytes,
+                max_members=params.max_members,
+            )
+        except PipelineError as err:
+            # name the archive as the user gave it, not by its temporary copy
+            raise PipelineError(str(err).replace(str(archive), params.url)) from None
+        yield from folder_candidates(_dataset_root(root, params.subdir), key="data.url.subdir")
+
+
+def _dataset_root(extracted: Path, subdir: str | None) -> Path:
+    if subdir:
+        return extracted / subdir
+    # archives usually wrap everything in one top folder (chest_xray/...): step into it
+    entries = [p for p in extracted.iterdir() if not p.name.startswith(".")]
+    if len(entries) == 1 and entries[0].is_dir() and len(_subfolders(entries[0])) > 0:
+        only = entries[0]
+        if only.name.lower() not in SPLIT_FOLDER_NAMES and all(
+            p.is_dir() for p in only.iterdir() if not p.name.startswith(".")
+        ):
+            return only
+    return extracted
+
+
+# ----------------------------------------------------------------- ingestion
+
+
+def _output_name(candidate: Candidate, taken: set[str]) -> str:
+    """A flat file name for the candidate, unique within its class (``taken`` is updated).
+
+    ``a/b.png`` and ``a__b.png`` flatten alike, and ``A.png`` and ``a.png`` clash on a
+    case-insensitive disk: a later one gets ``~2``, ``~3``... (candidates come sorted,
+    so the names are reproducible).
+    """
+    stem = Path(candidate.source).relative_to(Path(candidate.source).parts[0]).as_posix()
+    stem = stem.replace("/", "__")
+    name, n = f"{stem}.png", 1
+    while f"{candidate.label}/{name}".casefold() in taken:
+        n += 1
+        name = f"{stem}~{n}.png"
+    taken.add(f"{candidate.label}/{name}".casefold())
+    return name
+
+
+def candidates_for(params: DataParams) -> Iterator[Candidate]:
+    readers = {
+        "demo": lambda: demo_candidates(params.demo),
+        "folder": lambda: folder_candidates(Path(params.folder.path)),
+        "csv": lambda: csv_candidates(params.csv),
+        "medmnist": lambda: medmnist_source(params.medmnist),
+        "url": lambda: url_source(params.url),
+    }
+    return readers[params.source]()
+
+
+def check_rejected_share(kept: int, rejected: list[dict], limit: float) -> None:
+    """Fail when too much of the input was unusable: that is a wrong path or format, not noise."""
+    total = kept + len(rejected)
+    if total and len(rejected) / total > limit:
+        reasons = Counter(r["reason"].split(":")[0].split(" (")[0] for r in rejected)
+        common = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(5))
+        first = "; ".join(f"{r['path']}: {r['reason']}" for r in rejected[:3])
+        raise PipelineError(
+            f"download: rejected {len(rejected)} of {total} files ({len(rejected) / total:.0%}), "
+            f"more than data.max_rejected_fraction={limit}. Reasons: {common}. First: {first}"
+        )
+
+
+def ingest(candidates: Iterator[Candidate], params: DataParams, out_dir: Path) -> IngestSummary:
+    """Decode, validate and normalise every candidate into ``out_dir``."""
+    allowed = set(params.classes) if params.classes is not None else None
+    kept: list[dict] = []
+    rejected: list[dict] = []
+    taken: set[str] = set()
+    with atomic_dir(Path(out_dir)) as scratch:
+        for cand in tqdm(candidates, desc="download", unit="img", mininterval=2.0):
+            try:
+                if cand.split not in ("", *SPLITS):
+                    raise Rejected(f"unknown split {cand.split!r} (allowed: {', '.join(SPLITS)})")
+                if not cand.label:
+                    raise Rejected("empty label")
+                if allowed is not None and cand.label not in allowed:
+                    raise Rejected(f"label {cand.label!r} not in data.classes")
+                img = decode_image(
+                    cand.source, cand.open, params.min_image_size, params.max_image_pixels,
+                    PIL_MODES[params.channels],
+                )
+            except Rejected as why:
+                rejected.append({"path": cand.source, "reason": str(why)})
+                continue
+            rel = Path("images") / cand.label / _output_name(cand, taken)
+            data = png_bytes(img)
+            (scratch / rel).parent.mkdir(parents=True, exist_ok=True)
+            (scratch / rel).write_bytes(data)
+            kept.append(
+                {
+                    "path": rel.as_posix(),
+                    "label": cand.label,
+                    "sha256": sha256_bytes(data),
+                    "width": img.size[0],
+                    "height": img.size[1],
+                    "source": cand.source,
+                    "split": cand.split,
+                    "group": cand.group,
+                }
+            )
+        check_rejected_share(len(kept), rejected, params.max_rejected_fraction)
+        classes = list(params.classes) if params.classes else sorted({r["label"] for r in kept})
+        if not kept:
+            raise PipelineError(f"download: no usable images (rejected {len(rejected)})")
+        missing = [c for c in classes if not any(r["label"] == c for r in kept)]
+        if missing:
+            raise PipelineError(
+                f"download: no usable images for {missing}, listed in data.classes; "
+                "add images of them or remove them from data.classes"
+            )
+        write_csv(scratch / "manifest.csv", kept, (*MANIFEST_FIELDS, "source", "split", "group"))
+        write_csv(scratch / QUARANTINE, rejected, ("path", "reason"))
+        write_json(scratch / "classes.json", classes)
+    return IngestSummary(kept=len(kept), rejected=len(rejected), classes=classes)
+
+
+def download(params: DataParams, out_dir: Path) -> IngestSummary:
+    """The download stage: bring the configured source in as a normalised dataset."""
+    with tracking.stage_run("download", section_dict(params, "data")):
+        summary = ingest(candidates_for(params), params, out_dir)
+        tracking.log_metrics(
+            {"kept": summary.kept, "rejected": summary.rejected, "classes": len(summary.classes)}
+        )
+        tracking.log_artifact(str(Path(out_dir) / QUARANTINE))
+    print(summary.line())
+    return summary

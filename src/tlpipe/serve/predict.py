@@ -1,0 +1,241 @@
+"""``tlpipe predict``: classify image files with a trained model, as a CSV.
+
+Each image goes through the same steps as the pipeline's test images: decoded
+with EXIF orientation, converted to RGB, resized to the model's input size with
+the augment stage's interpolation, then fed as raw 0..255 pixels (the model
+holds its own preprocessing). A file that cannot be read gets a row with the
+reason instead of stopping the run.
+
+The model is a local ``.keras`` file (class names from ``--classes``) or an
+MLflow model URI such as ``models:/tlpipe-classifier@champion``: the raw-image
+pyfunc model that the evaluate stage logs (:mod:`tlpipe.serve.pyfunc`), which is
+sent the files' bytes and names its classes itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import io
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from tlpipe.data.pixels import load_pixels
+from tlpipe.core.errors import PipelineError
+from tlpipe.core.files import read_json
+from tlpipe.core.images import IMAGE_EXTENSIONS, Rejected, decode_image
+
+BATCH = 32
+DEFAULT_MODEL = "models/model.keras"
+DEFAULT_CLASSES = Path("data/augmented/classes.json")
+
+
+def image_files(paths: Iterable[str | Path]) -> list[Path]:
+    """The given files, and the image files under the given folders (sorted, recursively)."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found += sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            )
+        else:
+            found.append(path)  # named explicitly: a missing or odd file is reported, not skipped
+    return found
+
+
+def _batched_rows(
+    files: Sequence[Path],
+    load: Callable[[Path], object],
+    classify: Callable[[list[tuple[Path, object]]], Iterator[dict]],
+    progress: bool,
+) -> Iterator[dict]:
+    """Rows in the files' order: loaded one by one, classified BATCH at a time, unreadable ones with the reason."""
+    pending: list[tuple[Path, object]] = []
+    with tqdm(total=len(files), unit="img", disable=not progress, file=sys.stderr) as bar:
+        for path in files:
+            try:
+                pending.append((path, load(path)))
+            except Rejected as err:
+                pending.append((path, err))
+            bar.update(1)
+            if len(pending) == BATCH:
+                yield from _flush(pending, classify)
+                pending = []
+        yield from _flush(pending, classify)
+
+
+def _flush(
+    pending: list[tuple[Path, object]], classify: Callable[[list[tuple[Path, object]]], Iterator[dict]]
+) -> Iterator[dict]:
+    readable = [(path, item) for path, item in pending if not isinstance(item, Rejected)]
+    classified = classify(readable) if readable else iter(())
+    for path, item in pending:
+        if isinstance(item, Rejected):
+            yield {"path": str(path), "predicted": "", "error": str(item)}
+        else:
+            yield next(classified)
+
+
+def predict_rows(model, files: Sequence[Path], classes: list[str], progress: bool) -> Iterator[dict]:
+    """One CSV row per file with a Keras model: predicted class and probabilities, or the reason."""
+    size = int(model.input_shape[1])
+
+    def classify(batch: list[tuple[Path, np.ndarray]]) -> Iterator[dict]:
+        from tlpipe.model.inference import probabilities  # TensorFlow: only once there is something to classify
+
+        probs = probabilities(model, np.stack([pixels for _, pixels in batch]), len(classes))
+        for (path, _), row in zip(batch, probs):
+            yield {
+                "path": str(path),
+                "predicted": classes[int(row.argmax())],
+                "error": "",
+                **{f"p_{c}": f"{p:.6f}" for c, p in zip(classes, row)},
+            }
+
+    return _batched_rows(files, lambda path: load_pixels(path, size), classify, progress)
+
+
+# ---- models logged to MLflow ----------------------------------------------------------------
+
+
+def is_mlflow_model(model: str | Path) -> bool:
+    """A model URI (``models:/...``, ``runs:/...``, ...) or a local MLflow model folder."""
+    text = str(model)
+    # two or more letters before ":/" so that a Windows drive ("C:/...") stays a path
+    return bool(re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", text)) or (Path(text) / "MLmodel").is_file()
+
+
+def load_logged_model(uri: str):
+    """The pyfunc model behind ``uri``, from the tracking store tlpipe uses; PipelineError if absent."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from tlpipe.core.tracking import tracking_uri
+
+    store = tracking_uri()
+    mlflow.set_tracking_uri(store)
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except (MlflowException, OSError) as err:
+        reason = str(getattr(err, "message", err)).strip().splitlines()[0]
+        raise PipelineError(f"cannot load model {uri} (MLflow tracking URI {store}): {reason}") from None
+
+
+def logged_classes(model, uri: str) -> list[str]:
+    """The class names a raw-image model declares in its output signature (``p_<class>`` columns)."""
+    schema = model.metadata.get_output_schema()
+    names = schema.input_names() if schema is not None else []
+    classes = [str(n)[2:] for n in names if str(n).startswith("p_")]
+    if "predicted" not in names or not classes:
+        raise PipelineError(
+            f"{uri} is not a raw-image classifier (its output signature has no predicted and "
+            "p_<class> columns); log one with tlpipe.serve.pyfunc.log_raw_image_model"
+        )
+    return classes
+
+
+def file_bytes(path: Path) -> bytes:
+    """A file's bytes for a logged model, with the checks a local model's decoding makes first."""
+    if not path.is_file():
+        raise Rejected("no such file")
+    suffix = path.suffix.lower()
+    if suffix and suffix not in IMAGE_EXTENSIONS:
+        raise Rejected(f"not an image extension ({suffix})")
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise Rejected(f"cannot read file: {err.strerror or err}") from None
+
+
+def logged_model_rows(model, files: Sequence[Path], classes: list[str], progress: bool) -> Iterator[dict]:
+    """One CSV row per file with a logged raw-image model, which is sent each batch's bytes."""
+    import pandas as pd
+
+    from tlpipe.serve.pyfunc import IMAGE_COLUMN
+
+    def classify(batch: list[tuple[Path, bytes]]) -> Iterator[dict]:
+        images = [base64.b64encode(data).decode("ascii") for _, data in batch]
+        out = model.predict(pd.DataFrame({IMAGE_COLUMN: images}))
+        for (path, _), row in zip(batch, out.to_dict("records")):
+            error = str(row.get("error") or "")
+            scores = {} if error else {f"p_{c}": f"{float(row[f'p_{c}']):.6f}" for c in classes}
+            yield {
+                "path": str(path),
+                "predicted": "" if error else row["predicted"],
+                "error": error,
+                **scores,
+            }
+
+    return _batched_rows(files, file_bytes, classify, progress)
+
+
+# ---- the command ----------------------------------------------------------------------------
+
+
+def predict(model: str | Path, paths: Sequence[str], classes_path: Path | None, out) -> tuple[int, int]:
+    """Write the CSV to ``out``; returns (classified, unreadable).
+
+    ``model`` is a ``.keras`` file (``classes_path`` names its classes; default
+    data/augmented/classes.json) or an MLflow model URI (``classes_path`` must be None).
+    """
+    if is_mlflow_model(model) and classes_path is not None:
+        raise PipelineError(f"--classes is for a .keras model; {model} names its own classes")
+    files = image_files(paths)
+    if not files:
+        raise PipelineError(f"no image files in {', '.join(map(str, paths))}")
+    if is_mlflow_model(model):
+        loaded = load_logged_model(str(model))
+        classes = logged_classes(loaded, str(model))
+        rows_for = logged_model_rows
+    else:
+        from tlpipe.model.storage import load_model
+
+        classes = read_json(classes_path or DEFAULT_CLASSES)
+        loaded = load_model(Path(model))
+        rows_for = predict_rows
+    writer = csv.DictWriter(out, fieldnames=["path", "predicted", *(f"p_{c}" for c in classes), "error"],
+                            lineterminator="\n")  # fmt: skip
+    writer.writeheader()
+    done = failed = 0
+    progress = any(Path(p).is_dir() for p in paths)
+    for row in rows_for(loaded, files, classes, progress):
+        writer.writerow(row)
+        failed += bool(row["error"])
+        done += not row["error"]
+    return done, failed
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"a .keras file (default: {DEFAULT_MODEL}) or an MLflow model URI, e.g. "
+        "models:/tlpipe-classifier@champion, models:/NAME/3, models:/m-..., runs:/RUN_ID/classifier",
+    )
+    parser.add_argument(
+        "--classes",
+        type=Path,
+        default=None,
+        help=f"class names of a .keras model (default: {DEFAULT_CLASSES}); not for a model URI",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="CSV file (default: standard output)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.out is None:
+        done, failed = predict(args.model, args.paths, args.classes, sys.stdout)
+    else:
+        with open(args.out, "w", newline="", encoding="utf-8") as fh:
+            done, failed = predict(args.model, args.paths, args.classes, fh)
+    note = f"; {failed} unreadable (see the error column)" if failed else ""
+    print(f"tlpipe predict: {done} images classified{note}", file=sys.stderr)
+    return 0

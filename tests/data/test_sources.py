@@ -1,0 +1,400 @@
+"""The download stage's sources: the generated demo set and a folder of real-world files."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from sklearn.neighbors import NearestCentroid
+
+from source_fixtures import BAD_FILES, ham_fixture, kermany_tree, noise, save, write_bad_files
+from tlpipe.core.config import CsvParams, DataParams, DemoParams, FolderParams
+from tlpipe.core.errors import PipelineError
+from tlpipe.core.files import MANIFEST_FIELDS, read_csv, read_json
+from tlpipe.data.sources import (
+    DEMO_CLASSES,
+    candidates_for,
+    demo_candidates,
+    download,
+    folder_candidates,
+    ingest,
+)
+
+
+def _demo(tmp_path: Path, name: str = "raw", **demo) -> Path:
+    params = DataParams(demo=DemoParams(**{"images_per_class": 4, "image_size": 32, **demo}))
+    ingest(candidates_for(params), params, tmp_path / name)
+    return tmp_path / name
+
+
+def _folder_params(root: Path, **kw) -> DataParams:
+    # the corpus is half bad files on purpose: lift the share that would fail the stage
+    kw.setdefault("max_rejected_fraction", 1.0)
+    return DataParams(source="folder", folder=FolderParams(path=str(root)), **kw)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------- demo source
+
+
+def test_demo_is_deterministic_per_seed(tmp_path):
+    shas = {
+        name: [r["sha256"] for r in read_csv(_demo(tmp_path, name, seed=s) / "manifest.csv")]
+        for name, s in (("a", 0), ("b", 0), ("c", 1))
+    }
+    assert shas["a"] == shas["b"]
+    assert len(set(shas["a"])) == len(shas["a"])  # no two images alike
+    assert shas["a"] != shas["c"]
+    assert not set(shas["a"]) & set(shas["c"])
+
+
+def test_demo_classes_counts_and_sizes(tmp_path):
+    raw = _demo(tmp_path, images_per_class=5, image_size=24)
+    rows = read_csv(raw / "manifest.csv")
+    classes = read_json(raw / "classes.json")
+    assert len(classes) >= 3
+    assert classes == sorted(DEMO_CLASSES)
+    assert {c: sum(r["label"] == c for r in rows) for c in classes} == dict.fromkeys(classes, 5)
+    assert read_csv(raw / "quarantine.csv") == []
+    for row in rows:
+        assert list(row)[: len(MANIFEST_FIELDS)] == list(MANIFEST_FIELDS)
+        assert (row["width"], row["height"]) == ("24", "24")
+        with Image.open(raw / row["path"]) as img:
+            assert (img.format, img.mode, img.size) == ("PNG", "RGB", (24, 24))
+        assert _sha(raw / row["path"]) == row["sha256"]
+
+
+def _demo_features(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    cands = list(demo_candidates(DemoParams(images_per_class=60, image_size=32, seed=seed)))
+    pixels = [np.asarray(c.open(), dtype=np.float64) / 255 for c in cands]
+    mean_rgb = np.array([p.reshape(-1, 3).mean(axis=0) for p in pixels])
+    thumbs = np.array([p.reshape(4, 8, 4, 8, 3).mean(axis=(1, 3)).ravel() for p in pixels])  # 4x4 boxes
+    return mean_rgb, thumbs, np.array([c.label for c in cands])
+
+
+def test_demo_is_not_separable_by_colour_or_thumbnails():
+    """Colour and coarse layout must not give the class away: the shape has to be learnt.
+
+    Measured (seed 0, 60 images per class, 32 px, half held out; chance is 0.25):
+    nearest centroid on mean RGB 0.24, logistic regression on 4x4 thumbnails 0.25.
+    The positive control below (a 40 % class tint) reaches 1.0 with the same probe.
+    """
+    mean_rgb, thumbs, labels = _demo_features(seed=0)
+    train, test = train_test_split(np.arange(len(labels)), test_size=0.5, stratify=labels, random_state=0)
+    centroid = NearestCentroid().fit(mean_rgb[train], labels[train]).score(mean_rgb[test], labels[test])
+    logistic = LogisticRegression(max_iter=1000).fit(thumbs[train], labels[train])
+    thumb_acc = logistic.score(thumbs[test], labels[test])
+    assert centroid < 0.5, centroid
+    assert thumb_acc < 0.5, thumb_acc
+
+    # positive control: the probe does catch a colour leak when there is one
+    palette = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]], dtype=np.float64)
+    tinted = 0.6 * mean_rgb + 0.4 * palette[np.searchsorted(sorted(DEMO_CLASSES), labels)]
+    leak = NearestCentroid().fit(tinted[train], labels[train]).score(tinted[test], labels[test])
+    assert leak > 0.9, leak
+
+
+# -------------------------------------------------------------- folder source
+
+
+@pytest.fixture
+def image_tree(tmp_path) -> Path:
+    """Good images in many modes, and every kind of bad file, under cat/ dog/ and bird/."""
+    root = tmp_path / "photos"
+    save(root / "cat" / "rgb.jpg", noise(40, 30), "JPEG")
+    save(root / "cat" / "gray.png", Image.new("L", (20, 16), 77), "PNG")
+    rgba = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
+    rgba.paste((10, 200, 30, 255), (0, 0, 10, 20))  # left half opaque green, right half transparent
+    save(root / "cat" / "rgba.png", rgba, "PNG")
+    palette = Image.new("P", (16, 16), 1)
+    palette.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+    save(root / "cat" / "nested" / "palette.png", palette, "PNG")
+    deep = Image.fromarray(np.arange(32 * 16, dtype=np.uint16).reshape(16, 32) * 120)  # mode I;16
+    save(root / "cat" / "deep16.png", deep, "PNG")
+    save(root / "dog" / "cmyk.jpg", Image.new("CMYK", (24, 24), (0, 255, 255, 0)), "JPEG")
+    rotated = Image.new("RGB", (40, 20), (0, 0, 255))
+    rotated.paste((255, 0, 0), (0, 0, 20, 20))  # stored: red left, blue right
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display = stored rotated 90 degrees clockwise
+    save(root / "dog" / "rotated.jpg", rotated, "JPEG", exif=exif.tobytes(), quality=95)
+    write_bad_files(root)
+    (root / "dog" / ".DS_Store").write_bytes(b"\x00\x01")  # hidden: skipped, not even rejected
+    return root
+
+
+EXPECTED_REJECTED = BAD_FILES
+
+
+@pytest.fixture
+def ingested(image_tree, tmp_path) -> Path:
+    params = _folder_params(image_tree, classes=["dog", "cat"], min_image_size=8, max_image_pixels=5000)
+    summary = download(params, tmp_path / "raw")  # the whole stage, MLflow run included
+    assert (summary.kept, summary.rejected, summary.classes) == (7, len(EXPECTED_REJECTED), ["dog", "cat"])
+    return tmp_path / "raw"
+
+
+def test_folder_every_bad_file_is_rejected_with_its_reason(ingested):
+    rejected = {r["path"]: r["reason"] for r in read_csv(ingested / "quarantine.csv")}
+    assert set(rejected) == set(EXPECTED_REJECTED)
+    for path, reason in EXPECTED_REJECTED.items():
+        assert reason in rejected[path], (path, rejected[path])
+
+
+def test_folder_good_files_become_rgb_pngs_with_correct_manifest(ingested):
+    rows = {r["source"]: r for r in read_csv(ingested / "manifest.csv")}
+    expected_sizes = {
+        "cat/rgb.jpg": (40, 30),
+        "cat/gray.png": (20, 16),
+        "cat/rgba.png": (20, 20),
+        "cat/nested/palette.png": (16, 16),
+        "cat/deep16.png": (32, 16),
+        "dog/cmyk.jpg": (24, 24),
+        "dog/rotated.jpg": (20, 40),  # stored landscape 40x20, EXIF says portrait
+    }
+    assert set(rows) == set(expected_sizes)
+    assert read_json(ingested / "classes.json") == ["dog", "cat"]  # the configured order, not sorted
+    files = {p.relative_to(ingested).as_posix() for p in (ingested / "images").rglob("*") if p.is_file()}
+    assert files == {r["path"] for r in rows.values()}
+    for source, row in rows.items():
+        assert row["label"] == source.split("/")[0]
+        assert row["path"].startswith(f"images/{row['label']}/") and row["path"].endswith(".png")
+        out = ingested / row["path"]
+        assert _sha(out) == row["sha256"]
+        with Image.open(out) as img:
+            assert (img.format, img.mode) == ("PNG", "RGB")
+            assert img.size == expected_sizes[source] == (int(row["width"]), int(row["height"]))
+
+
+def _pixels(raw: Path, source: str) -> np.ndarray:
+    row = next(r for r in read_csv(raw / "manifest.csv") if r["source"] == source)
+    with Image.open(raw / row["path"]) as img:
+        return np.asarray(img).astype(int)
+
+
+def test_folder_pixel_conversions(ingested):
+    assert (_pixels(ingested, "cat/gray.png") == 77).all()
+    rgba = _pixels(ingested, "cat/rgba.png")
+    assert (rgba[:, :10] == (10, 200, 30)).all()  # opaque part kept
+    assert (rgba[:, 10:] == 255).all()  # transparent part on white, not black
+    assert (_pixels(ingested, "cat/nested/palette.png") == (200, 100, 50)).all()
+    deep = _pixels(ingested, "cat/deep16.png")
+    assert (deep[..., 0] == deep[..., 1]).all() and (deep[..., 1] == deep[..., 2]).all()
+    flat = deep[..., 0].ravel()  # a row-major ramp stays a ramp over the full 8-bit range
+    assert flat[0] == 0 and flat[-1] == 255 and (np.diff(flat) >= 0).all()
+    red, green, blue = _pixels(ingested, "dog/cmyk.jpg").reshape(-1, 3).mean(axis=0)
+    assert red > 200 and green < 60 and blue < 60  # CMYK (0, 255, 255, 0) is red
+    rotated = _pixels(ingested, "dog/rotated.jpg")  # 90 degrees clockwise: stored left goes on top
+    assert rotated.shape == (40, 20, 3)
+    assert rotated[5, 10, 0] > 200 and rotated[5, 10, 2] < 60
+    assert rotated[35, 10, 2] > 200 and rotated[35, 10, 0] < 60
+
+
+def test_folder_without_class_filter_keeps_every_class(image_tree, tmp_path):
+    summary = ingest(folder_candidates(image_tree), _folder_params(image_tree), tmp_path / "raw")
+    assert summary.classes == ["bird", "cat", "dog"]  # sorted when data.classes is null
+    rejected = {r["path"] for r in read_csv(tmp_path / "raw" / "quarantine.csv")}
+    assert rejected == set(EXPECTED_REJECTED) - {"bird/robin.png", "dog/huge.png"}
+
+
+def test_pillow_pixel_limit_does_not_override_max_image_pixels(image_tree, tmp_path, monkeypatch):
+    # a user who raises data.max_image_pixels above Pillow's own bomb limit must get what they asked for
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    params = _folder_params(image_tree, classes=["dog", "cat"], max_image_pixels=10_000)
+    ingest(folder_candidates(image_tree), params, tmp_path / "raw")
+    kept = {r["source"] for r in read_csv(tmp_path / "raw" / "manifest.csv")}
+    assert {"cat/rgb.jpg", "dog/huge.png"} <= kept  # 1200 and 6400 px, both within 10000
+    assert Image.MAX_IMAGE_PIXELS == 1000  # restored
+
+
+def test_folder_output_names_never_collide(tmp_path):
+    root = tmp_path / "photos"
+    save(root / "a" / "x" / "y.png", noise(10, 10, seed=1), "PNG")
+    save(root / "a" / "x__y.png", noise(10, 10, seed=2), "PNG")
+    save(root / "b" / "z.png", noise(10, 10, seed=3), "PNG")
+    ingest(folder_candidates(root), _folder_params(root), tmp_path / "raw")
+    rows = read_csv(tmp_path / "raw" / "manifest.csv")
+    assert len({r["path"] for r in rows}) == 3
+    for row in rows:
+        assert _sha(tmp_path / "raw" / row["path"]) == row["sha256"]
+    assert len({r["sha256"] for r in rows}) == 3
+
+
+def test_configured_class_without_images_is_an_error(image_tree, tmp_path):
+    params = _folder_params(image_tree, classes=["cat", "dog", "fish"])
+    with pytest.raises(PipelineError, match="fish"):
+        ingest(folder_candidates(image_tree), params, tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+
+
+def test_no_usable_images_is_an_error_and_keeps_old_output(tmp_path):
+    root = tmp_path / "photos"
+    (root / "cat").mkdir(parents=True)
+    (root / "cat" / "broken.png").write_bytes(b"nope")
+    out = tmp_path / "raw"
+    out.mkdir()
+    (out / "manifest.csv").write_text("old\n")
+    with pytest.raises(PipelineError, match=r"no usable images \(rejected 1\)"):
+        ingest(folder_candidates(root), _folder_params(root), out)
+    assert [p.name for p in out.iterdir()] == ["manifest.csv"]
+    assert (out / "manifest.csv").read_text() == "old\n"
+
+
+@pytest.mark.parametrize(
+    ("layout", "hint"),
+    [("missing", "is not a folder"), ("files-only", "has no class subfolders"), ("file", "is not a folder")],
+)
+def test_unusable_folder_path_is_a_pipeline_error(tmp_path, layout, hint):
+    root = tmp_path / "photos"
+    if layout == "files-only":
+        root.mkdir()
+        save(root / "loose.png", noise(10, 10), "PNG")
+        (root / ".hidden").mkdir()
+    elif layout == "file":
+        root.write_text("not a folder")
+    params = _folder_params(root)
+    with pytest.raises(PipelineError, match=hint) as info:
+        candidates_for(params)  # fails at once, before the stage starts writing anything
+    assert str(root) in str(info.value)
+    assert "data.folder.path" in str(info.value)
+    with pytest.raises(PipelineError, match=hint):
+        download(params, tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+
+
+# ------------------------------------------------------ quarantine threshold
+
+
+def test_too_many_rejects_fail_the_stage_with_reasons_and_write_nothing(image_tree, tmp_path):
+    params = _folder_params(image_tree, min_image_size=8, max_image_pixels=5000, max_rejected_fraction=0.2)
+    with pytest.raises(PipelineError) as err:
+        download(params, tmp_path / "raw")
+    message = str(err.value)
+    assert "more than data.max_rejected_fraction=0.2" in message
+    assert "4 x not an image" in message and "dog/cut.png" in message and str(tmp_path) not in message
+    assert not (tmp_path / "raw").exists()
+
+
+# ------------------------------------------------- folder with its own splits
+
+
+def test_folder_with_split_subfolders_keeps_each_images_split(tmp_path):
+    root = kermany_tree(tmp_path / "chest_xray", {"train": 4, "val": 2, "test": 3})
+    download(_folder_params(root), tmp_path / "raw")
+    rows = read_csv(tmp_path / "raw" / "manifest.csv")
+    assert read_json(tmp_path / "raw" / "classes.json") == ["NORMAL", "PNEUMONIA"]
+    by_split = {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
+    assert by_split == {"train": 8, "val": 4, "test": 6}
+    assert all(r["source"].startswith(f"{r['split']}/{r['label']}/") for r in rows)
+    assert len({r["path"] for r in rows}) == len(rows)  # same file name in two splits: two outputs
+
+
+def test_folder_mixing_split_and_class_folders_is_an_error(tmp_path):
+    root = kermany_tree(tmp_path / "mixed", {"train": 1})
+    save(root / "NORMAL" / "x.png", noise(20, 20), "PNG")
+    with pytest.raises(PipelineError, match="mixes split folders"):
+        download(_folder_params(root), tmp_path / "raw")
+
+
+# ----------------------------------------------------------------- csv source
+
+
+def ham_with_bad_rows(tmp_path: Path) -> tuple[Path, Path]:
+    images, table = ham_fixture(tmp_path)
+    with open(table, "a") as fh:
+        fh.write("HAM_9999999,ISIC_missing,nv,histo\n")  # listed, but no file
+        fh.write("HAM_9999998,../outside,nv,histo\n")  # climbs out of the image folder
+        fh.write("HAM_9999997,ISIC_0000000,,histo\n")  # no label
+    (tmp_path / "outside.jpg").write_bytes((images / "ISIC_0000001.jpg").read_bytes())
+    return images, table
+
+
+def _csv_params(images: Path, table: Path, **kw) -> DataParams:
+    csv = CsvParams(images=str(images), file=str(table), extension=".jpg", group_column="lesion_id", **kw)
+    return DataParams(source="csv", csv=csv, max_rejected_fraction=0.5)
+
+
+def test_csv_source_reads_labels_and_groups_and_quarantines_bad_rows(tmp_path):
+    images, table = ham_with_bad_rows(tmp_path)
+    summary = download(_csv_params(images, table), tmp_path / "raw")
+    rows = read_csv(tmp_path / "raw" / "manifest.csv")
+    assert summary.classes == ["bkl", "mel", "nv"]
+    assert len(rows) == 12
+    by_source = {r["source"]: r for r in rows}
+    assert by_source["ISIC_0000004.jpg"]["label"] == "mel"
+    assert by_source["ISIC_0000004.jpg"]["group"] == "HAM_0000002"
+    assert all(r["split"] == "" for r in rows)
+    quarantined = {r["path"]: r["reason"] for r in read_csv(tmp_path / "raw" / "quarantine.csv")}
+    assert quarantined == {
+        "ISIC_missing.jpg": "listed in the CSV but no such file",
+        "../outside.jpg": "path outside data.csv.images: ../outside.jpg",
+        "ISIC_0000000.jpg": "empty label",
+    }
+
+
+def test_csv_split_column_is_carried(tmp_path):
+    images, table = ham_fixture(tmp_path)
+    lines = table.read_text().splitlines()
+    split_of = ["train", "val", "test"]
+    lines = [lines[0] + ",split"] + [f"{line},{split_of[i % 3]}" for i, line in enumerate(lines[1:])]
+    table.write_text("\n".join(lines) + "\n")
+    download(_csv_params(images, table, split_column="split"), tmp_path / "raw")
+    rows = read_csv(tmp_path / "raw" / "manifest.csv")
+    assert {r["split"] for r in rows} == {"train", "val", "test"}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"label_column": "diagnosis"}, "data.csv.label_column: column 'diagnosis' not in"),
+        ({"group_column": "patient"}, "data.csv.group_column: column 'patient' not in"),
+    ],
+)
+def test_csv_missing_column_names_the_key_and_the_columns(tmp_path, override, message):
+    images, table = ham_fixture(tmp_path)
+    params = _csv_params(images, table)
+    params = params.model_copy(update={"csv": params.csv.model_copy(update=override)})
+    with pytest.raises(PipelineError, match=message) as err:
+        download(params, tmp_path / "raw")
+    assert "lesion_id, image_id, dx, dx_type" in str(err.value)
+
+
+def test_unreadable_file_is_quarantined_not_fatal(tmp_path, monkeypatch):
+    root = tmp_path / "photos"
+    for name in ("a.png", "locked.png"):
+        save(root / "cat" / name, noise(20, 20), "PNG")
+        save(root / "dog" / name, noise(20, 20, seed=1), "PNG")
+    real_open = Image.open
+
+    def open_(fp, *args, **kwargs):
+        if Path(fp).name == "locked.png" and Path(fp).parent.name == "dog":
+            raise PermissionError(13, "Permission denied")  # root reads anything: simulate chmod 000
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", open_)
+    summary = download(_folder_params(root), tmp_path / "raw")
+    assert summary.kept == 3
+    assert read_csv(tmp_path / "raw" / "quarantine.csv") == [
+        {"path": "dog/locked.png", "reason": "unreadable file (permission denied)"}
+    ]
+
+
+def test_grayscale_channels_convert_every_mode_to_one_channel(image_tree, tmp_path):
+    params = _folder_params(image_tree, classes=["dog", "cat"], max_image_pixels=5000, channels="grayscale")
+    download(params, tmp_path / "raw")
+    rows = read_csv(tmp_path / "raw" / "manifest.csv")
+    assert len(rows) == 7
+    for row in rows:
+        with Image.open(tmp_path / "raw" / row["path"]) as img:
+            assert img.mode == "L", row["source"]
+    by_source = {r["source"]: r for r in rows}
+    with Image.open(tmp_path / "raw" / by_source["dog/cmyk.jpg"]["path"]) as img:
+        red = Image.new("RGB", (1, 1), (255, 0, 0)).convert("L").getpixel((0, 0))
+        assert abs(img.getpixel((5, 5)) - red) <= 3  # CMYK red, then luminance
