@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         images, labels = load_images(part, model.input_shape[-1]), part.labels
         for factor in args.zooms:
             recalls = recall_by_class(model, images, labels, factor, len(classes))
-            rows.append({"split": split, "zoom": factor, "recall": dict(zip(classes, recalls))})
-            shares = "  ".join(f"{c} {r:.2f}" for c, r in zip(classes, recalls) if r is not None)
+            rows.append({"split": split, "zoom": factor, "recall": dict(zip(classes, recalls, strict=True))})
+            shares = "  ".join(f"{c} {r:.2f}" for c, r in zip(classes, recalls, strict=True) if r is not None)
             print(f"{split:5s} zoom {factor:4.2f}  right: {shares}", flush=True)
     if args.out:
         args.out.write_text(json.dumps({"model": str(args.model), "rows": rows}, indent=2) + "\n")

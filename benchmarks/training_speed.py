@@ -29,9 +29,14 @@ from pathlib import Path
 
 import keras
 
-from tlpipe.train import training
+from naive_fit import fit_through_frozen_backbone
 from tlpipe.core.config import FineTuneParams, TrainFrozenParams
 from tlpipe.data.datasets import image_dataset, load_augmented
+from tlpipe.model.backbones import get_backbone
+from tlpipe.train.features import compute_features, feature_dataset
+from tlpipe.train.fine_tune import unfreeze, unfreeze_plan
+from tlpipe.train.fitting import compile_for
+from tlpipe.train.head import assemble, build_backbone_model, build_head
 from tlpipe.train.optimization import encode_labels
 
 
@@ -53,19 +58,15 @@ def frozen_with_cache(backbone, data, params: TrainFrozenParams, cache_dir: Path
 
     def run() -> None:
         features = {
-            s: training.compute_features(
-                backbone, data.split(s), params.batch_size, cache_dir / f"{s}.npy", "bench"
-            )
+            s: compute_features(backbone, data.split(s), params.batch_size, cache_dir / f"{s}.npy", "bench")
             for s in ("train", "val")
         }
         targets = {s: encode_labels(data.split(s).labels, n_classes) for s in ("train", "val")}
-        head = training.build_head(features["train"].shape[1], n_classes, params.dropout)
-        training.compile_for(head, params, n_classes, params.learning_rate)
+        head = build_head(features["train"].shape[1], n_classes, params.dropout)
+        compile_for(head, params, n_classes)
         head.fit(
-            training.feature_dataset(features["train"], targets["train"], params.batch_size, params.seed),
-            validation_data=training.feature_dataset(
-                features["val"], targets["val"], params.batch_size, None
-            ),
+            feature_dataset(features["train"], targets["train"], params.batch_size, params.seed),
+            validation_data=feature_dataset(features["val"], targets["val"], params.batch_size, None),
             epochs=params.epochs,
             verbose=0,
         )
@@ -75,23 +76,17 @@ def frozen_with_cache(backbone, data, params: TrainFrozenParams, cache_dir: Path
 
 
 def frozen_naive(backbone, data, params: TrainFrozenParams) -> dict:
-    head = training.build_head(int(backbone.output_shape[-1]), len(data.classes), params.dropout)
-    _, seconds = timed(lambda: training.fit_through_frozen_backbone(backbone, head, data, params))
+    head = build_head(int(backbone.output_shape[-1]), len(data.classes), params.dropout)
+    _, seconds = timed(lambda: fit_through_frozen_backbone(backbone, head, data, params))
     return {"seconds": round(seconds, 2)}
 
 
 def fine_tune_images_per_second(backbone, data, params: FineTuneParams, name: str) -> float:
     n_classes = len(data.classes)
-    head = training.build_head(int(backbone.output_shape[-1]), n_classes, 0.2)
-    model = training.assemble(backbone, head, n_classes, 0.2)
-    training.unfreeze(
-        backbone,
-        name,
-        params,
-        training.unfreeze_plan(params, training.get_backbone(name).block_count)[0],
-        scratch=False,
-    )
-    training.compile_for(model, params, n_classes, params.learning_rate)
+    head = build_head(int(backbone.output_shape[-1]), n_classes, 0.2)
+    model = assemble(backbone, head, n_classes, 0.2)
+    unfreeze(backbone, name, params, unfreeze_plan(params, get_backbone(name).block_count)[0], scratch=False)
+    compile_for(model, params, n_classes)
     train = data.split("train")
     ds = image_dataset(train, params.batch_size, targets=encode_labels(train.labels, n_classes))
     model.fit(ds.take(2), verbose=0)  # trace outside the timing
@@ -120,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                                patience=args.epochs + 1)  # fmt: skip
     blocks = args.unfreeze_blocks if args.unfreeze_blocks == "all" else int(args.unfreeze_blocks)
     fine = FineTuneParams(unfreeze_blocks=blocks)
-    backbone = training.build_backbone_model(args.backbone, args.weights, data.image_size)
+    backbone = build_backbone_model(args.backbone, args.weights, data.image_size)
     n_train, n_val = len(data.split("train").paths), len(data.split("val").paths)
     print(f"{args.backbone} at {data.image_size}px: {n_train} train, {n_val} val images", file=sys.stderr)
 

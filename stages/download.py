@@ -2,8 +2,8 @@
 
 import sys
 
-from tlpipe.stage_runner import stage_main
 from tlpipe.data.sources import download
+from tlpipe.stage_runner import stage_main
 
 if __name__ == "__main__":
     sys.exit(stage_main("download", [], ["out"], lambda p, a: download(p.data, a.out)))

@@ -2,8 +2,8 @@
 
 import sys
 
+from tlpipe.evaluate.stage import evaluate
 from tlpipe.stage_runner import stage_main
-from tlpipe.evaluate.evaluation import evaluate
 
 if __name__ == "__main__":
     sys.exit(

@@ -3,7 +3,7 @@
 import sys
 
 from tlpipe.stage_runner import stage_main
-from tlpipe.train.training import fine_tune
+from tlpipe.train.fine_tune import fine_tune
 
 if __name__ == "__main__":
     sys.exit(

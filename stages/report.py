@@ -2,23 +2,11 @@
 
 import sys
 
+from tlpipe.report.stage import report_stage
 from tlpipe.stage_runner import stage_main
-from tlpipe.report.reporting import report_stage
+
+INPUTS = ["evaluation", "frozen-history", "fine-history", "augmented", "model", "split-summary", "quarantine"]
+OUTPUTS = ["html", "markdown"]
 
 if __name__ == "__main__":
-    sys.exit(
-        stage_main(
-            "report",
-            [
-                "evaluation",
-                "frozen-history",
-                "fine-history",
-                "augmented",
-                "model",
-                "split-summary",
-                "quarantine",
-            ],
-            ["html", "markdown"],
-            report_stage,
-        )
-    )
+    sys.exit(stage_main("report", INPUTS, OUTPUTS, report_stage))

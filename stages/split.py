@@ -2,8 +2,8 @@
 
 import sys
 
-from tlpipe.stage_runner import stage_main
 from tlpipe.data.splitting import split_dataset
+from tlpipe.stage_runner import stage_main
 
 if __name__ == "__main__":
     sys.exit(

@@ -3,7 +3,7 @@
 import sys
 
 from tlpipe.stage_runner import stage_main
-from tlpipe.train.training import train_frozen
+from tlpipe.train.frozen import train_frozen
 
 if __name__ == "__main__":
     sys.exit(

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tlpipe.stage_runner import stage_main
 from tlpipe.core.config import Params
 from tlpipe.core.errors import PipelineError
+from tlpipe.stage_runner import stage_main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""The ``tlpipe`` command: one entry point, a subcommand per tool.
+"""The command line: ``tlpipe``, one entry point with a subcommand per tool.
 
 Each subcommand's module exposes ``add_arguments(parser)`` and ``run(args) -> int``;
 it is imported only when named, so ``tlpipe predict`` does not pay for MLflow's
@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Sequence
 
 from tlpipe.core.errors import PipelineError
+from tlpipe.core.logs import show_progress
+
+logger = logging.getLogger(__name__)
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -40,8 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = argparse.ArgumentParser(prog=f"tlpipe {known.command}", description=COMMANDS[known.command][1])
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
+    show_progress(info_stream=sys.stderr)  # stdout carries the command's data: a CSV, a summary
     try:
         return module.run(args)
     except (PipelineError, FileNotFoundError) as err:
-        print(f"tlpipe {known.command}: error: {err}", file=sys.stderr)
+        logger.error("tlpipe %s: error: %s", known.command, err)
         return 1

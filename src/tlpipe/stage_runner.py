@@ -1,11 +1,16 @@
-"""Shared plumbing for the thin stage scripts in ``stages/``."""
+"""The stage runner: shared plumbing for the thin stage scripts in ``stages/``.
+
+Each script hands :func:`stage_main` its path options and one library function; this
+module parses the command line, validates params, opens the stage's MLflow context and
+turns the errors a user can act on into one line and an exit status.
+"""
 
 from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import signal
-import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -14,6 +19,9 @@ from pathlib import Path
 from tlpipe.core import tracking
 from tlpipe.core.config import Params, flat_params, load_params
 from tlpipe.core.errors import PipelineError
+from tlpipe.core.logs import show_progress
+
+logger = logging.getLogger(__name__)
 
 # errors a user can fix from the message alone: shown without a traceback
 USER_ERRORS = (PipelineError, FileNotFoundError)
@@ -57,7 +65,7 @@ def sigterm_raises() -> Iterator[None]:
 
 def environment_error(err: OSError) -> str | None:
     """A one-line message for a full disk, a read-only folder and the like; None for other OSErrors."""
-    hint = ENVIRONMENT_ERRNOS.get(err.errno)
+    hint = None if err.errno is None else ENVIRONMENT_ERRNOS.get(err.errno)
     if hint is None:
         return None
     where = f": {err.filename}" if err.filename else ""
@@ -83,6 +91,7 @@ def stage_main(
     for name in [*inputs, *outputs, *state]:
         parser.add_argument(f"--{name}", required=True, type=Path)
     args = parser.parse_args(argv)
+    show_progress()
     try:
         with sigterm_raises():
             params = load_params(args.params)
@@ -96,16 +105,16 @@ def stage_main(
             )
             run(params, args)
     except USER_ERRORS as err:
-        print(f"{stage}: error: {err}", file=sys.stderr)
+        logger.error("%s: error: %s", stage, err)
         return 1
     except OSError as err:
         message = environment_error(err)
         if message is None:
             raise
-        print(f"{stage}: error: {message}", file=sys.stderr)
+        logger.error("%s: error: %s", stage, message)
         return 1
     except Terminated:
         # outputs are written to a scratch name and renamed at the end: none is half-written
-        print(f"{stage}: terminated (SIGTERM); rerun it (dvc repro) to finish", file=sys.stderr)
+        logger.error("%s: terminated (SIGTERM); rerun it (dvc repro) to finish", stage)
         return 128 + signal.SIGTERM
     return 0

@@ -562,13 +562,6 @@ def test_shipped_params_yaml_spells_out_the_code_defaults() -> None:
     assert shipped == Params()
 
 
-def test_backbone_choices_are_the_registry() -> None:
-    from tlpipe.model.backbones import REGISTRY
-    from tlpipe.core.config import BACKBONES
-
-    assert set(BACKBONES) == set(REGISTRY)
-
-
 def test_gradual_unfreezing_counts_blocks_not_layers() -> None:
     message = _error({"fine_tune": {"unfreeze_every": 2, "unfreeze_from": "block14_add"}})
     assert "unfreeze_every works with unfreeze_blocks, not unfreeze_from" in message

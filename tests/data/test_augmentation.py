@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlpipe.data.augmentation import AUGMENTED_FIELDS, augment_dataset
 from tlpipe.core.config import AugmentParams
 from tlpipe.core.files import read_csv, read_json, write_csv, write_json
+from tlpipe.data.augmentation import AUGMENTED_FIELDS, augment_dataset
 
 SIZE = 32
 CLASSES = ["square", "circle"]  # not sorted: label_index must follow this order

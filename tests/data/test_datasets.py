@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from augmented_fixture import make_augmented
-from tlpipe.data.datasets import image_dataset, load_augmented, load_images
 from tlpipe.core.errors import PipelineError
+from tlpipe.data.datasets import image_dataset, load_augmented, load_images
 
 CLASSES = ["red", "green", "blue"]
 SIZE = 36  # not a size any default uses, so it must come from the PNGs
@@ -30,7 +30,7 @@ def _pixels(path: str) -> np.ndarray:
 
 
 def _collect(ds) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in ds])
+    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in ds], strict=True)
     return np.concatenate(images), np.concatenate(labels)
 
 
@@ -78,7 +78,7 @@ def test_seeded_shuffle_is_reproducible_and_keeps_pairs(root: Path) -> None:
     assert not np.array_equal(first[0], plain[0])  # 12! orders: a no-op shuffle is no accident
     assert not np.array_equal(first[0], other[0])
     # every image still carries its own label
-    label_of = {img.tobytes(): y for img, y in zip(*plain)}
+    label_of = {img.tobytes(): y for img, y in zip(*plain, strict=True)}
     assert [label_of[img.tobytes()] for img in first[0]] == first[1].tolist()
     assert sorted(first[1].tolist()) == sorted(train.labels.tolist())
 

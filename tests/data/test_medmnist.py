@@ -1,4 +1,4 @@
-"""medmnist: the published table, reading the .npz layout safely, and the download path."""
+"""medmnist: reading the .npz layout safely, and the download path."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tlpipe.data import medmnist
 from tlpipe.core.config import MedmnistParams
 from tlpipe.core.errors import PipelineError
-from tlpipe.data.medmnist import DATASETS, medmnist_candidates, medmnist_url, npz_candidates
+from tlpipe.data import medmnist, medmnist_catalog
+from tlpipe.data.medmnist import medmnist_candidates, npz_candidates
+from tlpipe.data.medmnist_catalog import DATASETS
 
 SHARED_NPZ = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "pneumoniamnist.npz"
 SIZES = {"train": 7, "val": 3, "test": 4}
@@ -37,52 +38,6 @@ def write_npz(path: Path, arrays: dict, *, compressed: bool = True) -> Path:
 
 def pixels(candidate) -> np.ndarray:
     return np.asarray(candidate.open())
-
-
-# ------------------------------------------------------------------ the table
-
-
-def test_url_and_md5_for_pneumoniamnist():
-    assert medmnist_url("pneumoniamnist", 28) == (
-        "https://zenodo.org/records/10519652/files/pneumoniamnist.npz?download=1",
-        "28209eda62fecd6e6a2d98b1501bb15f",
-    )
-    assert medmnist_url("pneumoniamnist", 224) == (
-        "https://zenodo.org/records/10519652/files/pneumoniamnist_224.npz?download=1",
-        "d6a3c71de1b945ea11211b03746c1fe1",
-    )
-
-
-def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(PipelineError, match="unknown MedMNIST dataset 'pneumonia'") as err:
-        medmnist_url("pneumonia", 28)
-    assert "pneumoniamnist" in str(err.value) and "dermamnist" in str(err.value)
-
-
-def test_unknown_size_is_refused(monkeypatch):
-    with pytest.raises(PipelineError, match="has no size 32"):
-        medmnist_url("pneumoniamnist", 32)
-    only_28 = replace(DATASETS["dermamnist"], md5={28: DATASETS["dermamnist"].md5[28]})
-    monkeypatch.setitem(DATASETS, "dermamnist", only_28)
-    with pytest.raises(PipelineError, match="dermamnist has no size 224; available: 28"):
-        medmnist_url("dermamnist", 224)
-
-
-def test_multi_label_dataset_is_refused():
-    with pytest.raises(PipelineError, match="multi-label"):
-        medmnist_url("chestmnist", 28)
-
-
-def test_table_is_well_formed():
-    md5s = [md5 for info in DATASETS.values() for md5 in info.md5.values()]
-    assert all(re.fullmatch(r"[0-9a-f]{32}", md5) for md5 in md5s)
-    assert len(set(md5s)) == len(md5s)  # a copy-paste slip would repeat one
-    for name, info in DATASETS.items():
-        assert set(info.md5) <= {28, 64, 128, 224}, name
-        assert len(set(info.labels)) == len(info.labels) >= 2, name
-        assert not any("/" in label for label in info.labels), name  # labels become folder names
-    assert DATASETS["pneumoniamnist"].labels == ("normal", "pneumonia")
-    assert len(DATASETS["pathmnist"].labels) == 9 and len(DATASETS["organamnist"].labels) == 11
 
 
 # ------------------------------------------------------------------ the .npz
@@ -204,12 +159,12 @@ def test_not_an_npz(tmp_path):
         npz_candidates(tmp_path / "absent.npz")
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"\x80\x04not numpy at all")
-    with pytest.raises(PipelineError, match="not a readable .npz"):
+    with pytest.raises(PipelineError, match=r"not a readable \.npz"):
         npz_candidates(junk)
     single = tmp_path / "single.npz"
     with open(single, "wb") as fh:
         np.save(fh, np.zeros((2, 2), np.uint8))
-    with pytest.raises(PipelineError, match="single .npy array"):
+    with pytest.raises(PipelineError, match=r"single \.npy array"):
         npz_candidates(single)
 
 
@@ -221,7 +176,7 @@ def fake_zenodo(tmp_path, monkeypatch) -> Path:
     """The download URL pointed at a local folder."""
     folder = tmp_path / "zenodo"
     folder.mkdir()
-    monkeypatch.setattr(medmnist, "URL_BASE", folder.as_uri())
+    monkeypatch.setattr(medmnist_catalog, "URL_BASE", folder.as_uri())
     return folder
 
 

@@ -12,6 +12,9 @@ import keras
 import numpy as np
 import pytest
 
+from tlpipe.core.config import BACKBONES
+from tlpipe.core.errors import PipelineError
+from tlpipe.model import backbones
 from tlpipe.model.backbones import (
     REGISTRY,
     Backbone,
@@ -20,7 +23,6 @@ from tlpipe.model.backbones import (
     set_top_blocks_trainable,
     set_trainable_from,
 )
-from tlpipe.core.errors import PipelineError
 
 APPS = keras.applications
 # backbone -> (keras.applications constructor, module with its preprocess_input): spelt out
@@ -109,6 +111,19 @@ def test_registry_lookup(lite0, model: keras.Model) -> None:
     assert blocks["stem_conv"] is None
 
 
+def test_backbone_choices_are_the_registry() -> None:
+    # params validate train_frozen.backbone against BACKBONES, training looks it up in REGISTRY
+    assert list(REGISTRY) == list(BACKBONES)
+
+
+def test_a_backbone_named_on_one_side_only_fails_at_import() -> None:
+    factories = {name: REGISTRY[name] for name in ("vgg16", "resnet50")}
+    with pytest.raises(
+        RuntimeError, match=r"no factory for \['convnext_tiny'\], not in BACKBONES: \['resnet50'\]"
+    ):
+        backbones._registry(("vgg16", "convnext_tiny"), factories)
+
+
 def test_unknown_backbone_names_the_available_ones() -> None:
     with pytest.raises(PipelineError) as err:
         get_backbone("resnet9000")
@@ -146,7 +161,7 @@ def _copy_weights(source: keras.Model, target: keras.Model) -> None:
     """Layer by layer: ours has extra preprocessing layers, but none of them has weights."""
     ours, theirs = _weighted(source), _weighted(target)
     assert len(ours) == len(theirs)
-    for mine, other in zip(ours, theirs):
+    for mine, other in zip(ours, theirs, strict=True):
         assert type(mine) is type(other)
         other.set_weights(mine.get_weights())
 
@@ -419,7 +434,7 @@ def test_missing_weights_file_is_named(tmp_path: Path) -> None:
 def _assert_same_weights(model: keras.Model, other: keras.Model) -> None:
     mine, theirs = model.get_weights(), other.get_weights()
     assert len(mine) == len(theirs) > 0
-    for a, b in zip(mine, theirs):
+    for a, b in zip(mine, theirs, strict=True):
         np.testing.assert_array_equal(a, b)
 
 

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from pipeline_helpers import REPO, TINY_PARAMS, copy_repo, dvc, dvc_env, edit_params
-from tlpipe.ops import retrain
 from tlpipe.core.errors import PipelineError
+from tlpipe.ops import retrain
 
 WORKFLOWS = REPO / ".github" / "workflows"
 # the tiny config learns nothing at 32 px from 16 training images (test ROC-AUC 0.5): a champion

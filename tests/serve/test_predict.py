@@ -16,13 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlpipe.train import training
-
-from tlpipe.model import storage
-from tlpipe.data.augmentation import resize_transform
 from tlpipe.command_line import main
+from tlpipe.data.augmentation import resize_transform
+from tlpipe.model import storage
 from tlpipe.serve.predict import predict
 from tlpipe.serve.pyfunc import log_raw_image_model
+from tlpipe.train import head as training_head
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["red", "blue"]
@@ -31,8 +30,8 @@ CLASSES = ["red", "blue"]
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
     keras.utils.set_random_seed(0)
-    backbone = training.build_backbone_model("efficientnet_lite0", "imagenet", 32)
-    model = training.assemble(backbone, training.build_head(1280, 2, 0.0), 2, 0.0)
+    backbone = training_head.build_backbone_model("efficientnet_lite0", "imagenet", 32)
+    model = training_head.assemble(backbone, training_head.build_head(1280, 2, 0.0), 2, 0.0)
     path = tmp_path_factory.mktemp("model") / "model.keras"
     storage.save_model_atomically(model, path)
     return path

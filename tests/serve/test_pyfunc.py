@@ -26,12 +26,11 @@ import pytest
 from PIL import Image
 
 from augmented_fixture import make_augmented
-from tlpipe.train import training
-from tlpipe.model import storage
 from tlpipe.core.config import EvaluateParams
-from tlpipe.evaluate.evaluation import evaluate
-from tlpipe.data.pixels import load_pixels
 from tlpipe.core.constants import LOGGED_MODEL_TAG
+from tlpipe.data.pixels import load_pixels
+from tlpipe.evaluate.stage import evaluate
+from tlpipe.model import storage
 from tlpipe.serve.pyfunc import log_raw_image_model
 
 CLASSES = ["normal", "pneumonia", "covid"]

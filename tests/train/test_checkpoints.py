@@ -17,10 +17,13 @@ import pytest
 import yaml
 
 from augmented_fixture import make_augmented
-from tlpipe.train import checkpoints
-from tlpipe.train import training
-from tlpipe.train.checkpoints import Checkpoint, ResumableEarlyStopping, TrainingState
 from tlpipe.core.config import TrainFrozenParams
+from tlpipe.data.datasets import load_augmented
+from tlpipe.train import checkpoints
+from tlpipe.train.checkpoints import Checkpoint, ResumableEarlyStopping, TrainingState
+from tlpipe.train.features import compute_features
+from tlpipe.train.frozen import train_frozen
+from tlpipe.train.head import build_backbone_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -186,7 +189,7 @@ def _rows(path: Path) -> list[dict]:
 def frozen_model(augmented: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("frozen")
     params = TrainFrozenParams(epochs=2, batch_size=8)
-    training.train_frozen(augmented, params, out / "frozen.keras", out / "h.csv", out / "ckpt")
+    train_frozen(augmented, params, out / "frozen.keras", out / "h.csv", out / "ckpt")
     return out / "frozen.keras"
 
 
@@ -236,10 +239,8 @@ def test_train_frozen_killed_while_caching_features_resumes_the_cache(augmented,
     assert f"train.npy: {done} of 48 images already done" in rerun.stdout
     assert [int(r["epoch"]) for r in _rows(tmp_path / "h.csv")] == [1, 2, 3]
     # the resumed cache equals one computed in a single go
-    backbone = training.build_backbone_model("efficientnet_lite0", "imagenet", 32)
-    from tlpipe.data.datasets import load_augmented
-
-    whole = training.compute_features(backbone, load_augmented(augmented).split("train"), 8,
+    backbone = build_backbone_model("efficientnet_lite0", "imagenet", 32)
+    whole = compute_features(backbone, load_augmented(augmented).split("train"), 8,
                                       tmp_path / "whole.npy", "k")  # fmt: skip
     # batches of 2 and of 8 take different CPU kernels: a few features differ by ~4e-6 on some machines,
     # while a cache resumed at the wrong row would be off by the features' own size (~0.1-1)

@@ -9,23 +9,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from tlpipe.core.errors import PipelineError
+from tlpipe.core.schema import Section, format_errors
 
 
-def _probability(default: float):
+def _probability(default: float) -> Any:
     return Field(default, ge=0.0, le=1.0)
 
 
@@ -33,73 +26,18 @@ class ConfigError(PipelineError, ValueError):
     """params.yaml is missing, unreadable or does not fit the schema."""
 
 
-class _Section(BaseModel):
-    # forbid: an unknown key is almost always a typo that would otherwise be ignored silently
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_booleans(cls, value: object, info: ValidationInfo) -> object:
-        # YAML reads yes/no/on/off/true/false as booleans, and pydantic would take True as the number 1
-        if not isinstance(value, bool):
-            return value
-        annotation = cls.model_fields[info.field_name].annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            return value  # a section: pydantic says it wants a mapping
-        # `mixed_precision: off`, as the comment in params.yaml says: the word was meant, not False
-        word = next((w for w in _YAML_BOOLEAN_WORDS[value] if w in _literal_values(annotation)), None)
-        if word is not None:
-            return word
-        # ValueError, not TypeError: pydantic turns only ValueError into a validation error
-        raise ValueError(
-            f"expected {describe_type(annotation)}, not a boolean "
-            "(YAML reads yes/no/on/off/true/false as booleans: quote a word)"
-        )
-
-
-# the words PyYAML reads as booleans (in any case)
-_YAML_BOOLEAN_WORDS = {True: ("on", "yes", "true"), False: ("off", "no", "false")}
-
-
-def _members(annotation: object) -> list[object]:
-    """The alternatives of a type: ``int | Literal['all']`` -> [int, Literal['all']] (Annotated unwrapped)."""
-    if get_origin(annotation) is Annotated:
-        return _members(get_args(annotation)[0])
-    if get_origin(annotation) in (Union, type(int | None)):
-        return [m for arg in get_args(annotation) for m in _members(arg)]
-    return [annotation]
-
-
-def _literal_values(annotation: object) -> list[object]:
-    return [v for m in _members(annotation) if get_origin(m) is Literal for v in get_args(m)]
-
-
-def describe_type(annotation: object) -> str:
-    """What a field takes, in words, e.g. "an integer or 'all'"."""
-    names = {int: "an integer", float: "a number", str: "text", type(None): "null"}
-    parts = []
-    for member in _members(annotation):
-        if get_origin(member) is Literal:
-            parts.append("one of " + ", ".join(repr(v) for v in get_args(member)))
-        elif get_origin(member) is list:
-            parts.append("a list")
-        else:
-            parts.append(names.get(member, getattr(member, "__name__", str(member))))
-    return " or ".join(parts)
-
-
-class DemoParams(_Section):
+class DemoParams(Section):
     images_per_class: int = Field(200, ge=4, le=100_000)
     image_size: int = Field(64, ge=16, le=1024)
     seed: int = 0
 
 
-class FolderParams(_Section):
+class FolderParams(Section):
     # one subfolder per class, or train/val/test subfolders each holding one subfolder per class
     path: str | None = None
 
 
-class CsvParams(_Section):
+class CsvParams(Section):
     images: str | None = None  # folder the CSV's paths are relative to
     file: str | None = None  # the CSV of labels
     path_column: str = "image_id"
@@ -109,13 +47,13 @@ class CsvParams(_Section):
     split_column: str | None = None  # a column of train/val/test, when the CSV brings its own split
 
 
-class MedmnistParams(_Section):
+class MedmnistParams(Section):
     name: str | None = None  # e.g. pneumoniamnist, dermamnist
     size: Literal[28, 64, 128, 224] = 28
     path: str | None = None  # a local .npz in the MedMNIST layout instead of the download
 
 
-class UrlParams(_Section):
+class UrlParams(Section):
     url: str | None = None  # http(s):// or file:// to a .zip, .tar.gz or .tgz
     sha256: str | None = None  # required: a download that does not match is never used
     subdir: str | None = None  # folder inside the archive holding the class (or split) folders
@@ -123,7 +61,7 @@ class UrlParams(_Section):
     max_members: int = Field(1_000_000, ge=1)
 
 
-class DataParams(_Section):
+class DataParams(Section):
     source: Literal["demo", "folder", "csv", "medmnist", "url"] = "demo"
     classes: list[str] | None = None
     min_image_size: int = Field(8, ge=1)
@@ -158,7 +96,7 @@ class DataParams(_Section):
         return self
 
 
-class SplitParams(_Section):
+class SplitParams(Section):
     # both > 0: training stops early on val, and evaluate needs a test split
     val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
@@ -195,7 +133,7 @@ class SplitParams(_Section):
         return self
 
 
-class AugmentParams(_Section):
+class AugmentParams(Section):
     image_size: int = Field(64, ge=32, le=1024)
     copies: int = Field(2, ge=0, le=100)
     seed: int = 42
@@ -210,7 +148,10 @@ class AugmentParams(_Section):
     probability: float = _probability(0.7)
 
 
-BACKBONES = (
+# the one list of backbone names, written out as a Literal so mypy can check it: BACKBONES is read off
+# it, and tlpipe.model.backbones builds its REGISTRY from that (core may not import model, and params
+# must be validated before any model code loads)
+Backbone = Literal[
     "efficientnet_lite0",
     "mobilenet_v2",
     "mobilenet_v3_small",
@@ -226,11 +167,11 @@ BACKBONES = (
     "inception_v3",
     "vgg16",
     "convnext_tiny",
-)
-Backbone = Literal[BACKBONES]  # the keys of tlpipe.model.backbones.REGISTRY (a test keeps them equal)
+]
+BACKBONES: tuple[str, ...] = get_args(Backbone)
 
 
-class TrainingPhaseParams(_Section):
+class TrainingPhaseParams(Section):
     batch_size: int = Field(32, ge=1)
     epochs: int = Field(40, ge=1)
     learning_rate: float = Field(1e-3, gt=0.0)
@@ -295,7 +236,7 @@ class FineTuneParams(TrainingPhaseParams):
         return self
 
 
-class EvaluateParams(_Section):
+class EvaluateParams(Section):
     batch_size: int = Field(64, ge=1)
     # two classes: how the cut-off on P(class 1) is set. It is chosen on the val split and then
     # applied to test, so the test metrics stay an honest estimate; more classes take the argmax
@@ -327,32 +268,37 @@ SUMMARY_METRICS = (
     "ece",
 )
 
-# the test metrics a promotion can be decided on, and whether higher is better
-PROMOTION_METRICS = {
-    "roc_auc": True,
-    "pr_auc": True,
-    "accuracy": True,
-    "balanced_accuracy": True,
-    "macro_f1": True,
-    "weighted_f1": True,
-    "log_loss": False,
-    "brier": False,
-    "ece": False,
+# the test metrics a promotion can be decided on (written out as a Literal so mypy can check it)...
+PromotionMetric = Literal[
+    "roc_auc",
+    "pr_auc",
+    "accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "weighted_f1",
+    "log_loss",
+    "brier",
+    "ece",
+]
+_LOWER_IS_BETTER = ("log_loss", "brier", "ece")
+# ...in that order, and whether higher is better
+PROMOTION_METRICS: dict[str, bool] = {
+    name: name not in _LOWER_IS_BETTER for name in get_args(PromotionMetric)
 }
 
 
-class RegistryParams(_Section):
+class RegistryParams(Section):
     # the MLflow registered model that `tlpipe promote` adds versions to
     model_name: str = Field(
         "tlpipe-classifier", min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][\w.\- ]*$"
     )
     # the test metric (results/evaluate/metrics.json) the challenger must win on
-    metric: Literal[tuple(PROMOTION_METRICS)] = "roc_auc"
+    metric: PromotionMetric = "roc_auc"
     # the challenger becomes champion only when it beats the champion by more than this
     margin: float = Field(0.0, ge=0.0, le=1.0)
 
 
-class Params(_Section):
+class Params(Section):
     data: DataParams = DataParams()
     split: SplitParams = SplitParams()
     augment: AugmentParams = AugmentParams()
@@ -360,59 +306,6 @@ class Params(_Section):
     fine_tune: FineTuneParams = FineTuneParams()
     evaluate: EvaluateParams = EvaluateParams()
     registry: RegistryParams = RegistryParams()
-
-
-def _format_errors(err: ValidationError, source: str) -> str:
-    # pydantic reports a value that fits no member of a union once per member: one line per key here
-    by_key: dict[str, list[dict]] = {}
-    for e in err.errors():
-        by_key.setdefault(_dotted_key(e["loc"]), []).append(e)
-    lines = [f"{source}: {len(by_key)} invalid setting(s):"]
-    for key, errors in by_key.items():
-        first = errors[0]
-        if first["type"] == "extra_forbidden":
-            allowed = _allowed_keys(first["loc"][:-1])
-            lines.append(f"  {key}: unknown key; allowed keys here: {', '.join(allowed)}")
-            continue
-        # "Input should be a valid integer; or 'all'": what each member of the union allows
-        alternatives = [errors[0]["msg"], *(e["msg"].removeprefix("Input should be ") for e in errors[1:])]
-        message = "; or ".join(alternatives).removeprefix("Value error, ")
-        value = first.get("input")
-        # a check across keys (a section-level validator) names its values itself: no section dump
-        shown = "" if isinstance(value, dict) and first["type"] == "value_error" else f" (got {value!r})"
-        lines.append(f"  {key}: {message}{shown}")
-    return "\n".join(lines)
-
-
-def _dotted_key(loc: tuple) -> str:
-    """The params key an error is about, without pydantic's union-member tags (``int``, ``literal['all']``)."""
-    parts: list[str] = []
-    model: type[BaseModel] | None = Params
-    for part in loc:
-        if isinstance(part, int):  # a list index, e.g. data.classes.0
-            parts.append(str(part))
-            continue
-        if model is None or part not in model.model_fields:
-            if model is None:  # inside a leaf: a union member's tag, not a key
-                continue
-            parts.append(str(part))  # an unknown key
-            break
-        parts.append(part)
-        annotation = model.model_fields[part].annotation
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-    return ".".join(parts) or "(top level)"
-
-
-def _allowed_keys(loc: tuple) -> list[str]:
-    model: type[BaseModel] = Params
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type):
-            break
-        if not issubclass(field.annotation, BaseModel):
-            break
-        model = field.annotation
-    return sorted(model.model_fields)
 
 
 def parse_params(raw: object, source: str = "params") -> Params:
@@ -424,7 +317,7 @@ def parse_params(raw: object, source: str = "params") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(format_errors(err, source, Params)) from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 MANIFEST_FIELDS = ("path", "label", "sha256", "width", "height")
 
@@ -69,7 +70,7 @@ def write_json(path: Path, data: object) -> None:
     atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def read_json(path: Path) -> object:
+def read_json(path: Path) -> Any:  # JSON: the caller knows the shape it wrote
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: not found; run the stage that produces it first")
     return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from tlpipe.core import constants as C
 from tlpipe.core.files import json_digest, path_digest, read_csv
@@ -101,7 +102,7 @@ def _quiet_mlflow() -> None:
 @contextmanager
 def stage_run(
     stage: str, params: Mapping[str, object], tags: Mapping[str, str] | None = None
-) -> Iterator[object]:
+) -> Iterator[Any]:
     """An MLflow run for one stage, with its params, lineage tags and dataset inputs logged.
 
     Nested under the execution's pipeline run when there is one; output digests
@@ -282,7 +283,7 @@ def log_dataset_inputs(stage: str, inputs: Mapping[str, str]) -> None:
         with warnings.catch_warnings():
             # MLflow registers its local-file source twice and warns that it picked one of the two
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-            dataset = mlflow.data.from_pandas(
+            dataset = mlflow.data.from_pandas(  # type: ignore[attr-defined]  # set up by mlflow.data at import
                 pd.DataFrame(read_csv(manifest)),
                 source=Path(path).resolve().as_uri(),
                 name=path,

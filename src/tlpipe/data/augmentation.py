@@ -7,6 +7,7 @@ byte-for-byte reproducible.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import albumentations as A  # tlpipe/__init__.py turns off its update check first
@@ -15,11 +16,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from tlpipe.core.constants import SPLITS
 from tlpipe.core import tracking
 from tlpipe.core.config import AugmentParams, section_dict
+from tlpipe.core.constants import SPLITS
 from tlpipe.core.files import atomic_dir, read_csv, read_json, write_csv
 from tlpipe.core.images import png_bytes
+
+logger = logging.getLogger(__name__)
 
 AUGMENTED_FIELDS = ("path", "label", "label_index", "split", "source")
 
@@ -78,7 +81,7 @@ def augment_dataset(images_dir: Path, split_dir: Path, params: AugmentParams, ou
     with tracking.stage_run("augment", section_dict(params, "augment")):
         counts = _augment(images_dir, split_dir, params, out_dir)
         tracking.log_metrics({f"{s}_images": n for s, n in counts.items()})
-    print(
+    logger.info(
         f"augment: {counts['train']} train images ({params.copies} augmented copies each), "
         f"{counts['val']} val, {counts['test']} test at {params.image_size}px"
     )

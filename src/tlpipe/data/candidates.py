@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+
 @dataclass(frozen=True)
 class Candidate:
     source: str  # where it came from (relative path or id), for the manifest and for rejection messages

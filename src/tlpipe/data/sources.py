@@ -3,39 +3,37 @@
 Every source yields ``Candidate`` items (where the image came from, its label and
 a way to open it). :func:`ingest` decodes each one once, rejects what is unusable
 with a reason, and writes the survivors as RGB PNGs plus ``manifest.csv``,
-``rejected.csv`` and ``classes.json``.
+``quarantine.csv`` and ``classes.json``.
 """
 
 from __future__ import annotations
 
 import csv
-import io
-import math
-import re
+import logging
 import tempfile
 import urllib.parse
-import warnings
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
-from tlpipe.core.constants import SPLITS
 from tlpipe.core import tracking
-from tlpipe.data.candidates import Candidate
-from tlpipe.core.config import CsvParams, DataParams, DemoParams, MedmnistParams, UrlParams, section_dict
+from tlpipe.core.config import CsvParams, DataParams, MedmnistParams, UrlParams, section_dict
+from tlpipe.core.constants import SPLITS
 from tlpipe.core.errors import PipelineError
-from tlpipe.core.images import Rejected, decode_image, png_bytes
 from tlpipe.core.files import MANIFEST_FIELDS, atomic_dir, sha256_bytes, write_csv, write_json
+from tlpipe.core.images import Rejected, decode_image, png_bytes
+from tlpipe.data.candidates import Candidate
+from tlpipe.data.demo import demo_candidates
+
+logger = logging.getLogger(__name__)
 
 PIL_MODES = {"rgb": "RGB", "grayscale": "L"}
 QUARANTINE = "quarantine.csv"  # every rejected input with its reason
-DEMO_CLASSES = ("circle", "square", "triangle", "cross")
 
 
 @dataclass(frozen=True)
@@ -51,80 +49,11 @@ class IngestSummary:
         )
 
 
-# ---------------------------------------------------------------- demo source
-
-
-def _shape_points(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tuple]:
-    if kind == "square":
-        corners = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
-        pts = [(x * r * 0.8, y * r * 0.8) for x, y in corners]
-    elif kind == "triangle":
-        pts = [(r * math.cos(a), r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
-    elif kind == "cross":
-        w, arm = r * 0.32, r
-        pts = [
-            (-w, -arm),
-            (w, -arm),
-            (w, -w),
-            (arm, -w),
-            (arm, w),
-            (w, w),
-            (w, arm),
-            (-w, arm),
-            (-w, w),
-            (-arm, w),
-            (-arm, -w),
-            (-w, -w),
-        ]
-    else:
-        raise ValueError(kind)
-    c, s = math.cos(angle), math.sin(angle)
-    return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
-
-
-def _random_colour(rng: np.random.Generator) -> tuple[int, int, int]:
-    return tuple(int(v) for v in rng.integers(0, 256, size=3))
-
-
-def render_demo_image(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
-    """One synthetic image: a shape of random colour, size, place and angle on clutter.
-
-    Colours and sizes are drawn independently of the class, and every image gets
-    the same kinds of distractors, so no single pixel statistic gives the class away.
-    """
-    scale = 2  # draw large then downsample, for antialiased edges
-    big = size * scale
-    background = _random_colour(rng)
-    img = Image.new("RGB", (big, big), background)
-    draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(2, 6))):  # distractor strokes
-        x0, y0, x1, y1 = (int(v) for v in rng.integers(0, big, size=4))
-        draw.line((x0, y0, x1, y1), fill=_random_colour(rng), width=int(rng.integers(1, 4) * scale))
-    foreground = _random_colour(rng)
-    while sum(abs(a - b) for a, b in zip(foreground, background)) < 120:
-        foreground = _random_colour(rng)
-    r = float(rng.uniform(0.18, 0.36)) * big
-    cx, cy = (float(v) for v in rng.uniform(r, big - r, size=2))
-    if kind == "circle":
-        ry = r * float(rng.uniform(0.75, 1.0))  # slightly elliptic so radius is no cue
-        draw.ellipse((cx - r, cy - ry, cx + r, cy + ry), fill=foreground)
-    else:
-        angle = float(rng.uniform(0, 2 * math.pi))
-        draw.polygon(_shape_points(kind, cx, cy, r, angle), fill=foreground)
-    img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0, 1.5)) * scale))
-    img = img.resize((size, size), Image.Resampling.BILINEAR)
-    noise = rng.normal(0, float(rng.uniform(4, 20)), size=(size, size, 3))
-    pixels = np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels)
-
-
-def demo_candidates(params: DemoParams) -> Iterator[Candidate]:
-    """A deterministic dataset of shapes: the same seed gives the same images."""
-    rng = np.random.default_rng(params.seed)
-    for i in range(params.images_per_class):
-        for kind in DEMO_CLASSES:
-            img = render_demo_image(kind, params.image_size, rng)
-            yield Candidate(source=f"demo/{kind}/{i:05d}", label=kind, open=lambda img=img: img)
+def _required(value: str | None, key: str) -> str:
+    """A path setting DataParams requires for the source that reads it (None: a caller skipped that check)."""
+    if value is None:  # TypeError, as Path(None) or fetch(None) would raise
+        raise TypeError(f"{key} is not set (expected a path or URL, got None)")
+    return value
 
 
 # -------------------------------------------------------------- folder source
@@ -173,7 +102,7 @@ def _folder_files(root: Path, class_dirs: list[Path], split: str) -> Iterator[Ca
                 yield Candidate(
                     source=path.relative_to(root).as_posix(),
                     label=class_dir.name,
-                    open=lambda path=path: open_image_file(path),
+                    open=partial(open_image_file, path),
                     split=split,
                 )
 
@@ -183,7 +112,8 @@ def _folder_files(root: Path, class_dirs: list[Path], split: str) -> Iterator[Ca
 
 def csv_candidates(params: CsvParams) -> Iterator[Candidate]:
     """An image folder plus a CSV of labels, with configurable column names."""
-    images, table = Path(params.images), Path(params.file)
+    images = Path(_required(params.images, "data.csv.images"))
+    table = Path(_required(params.file, "data.csv.file"))
     if not images.is_dir():
         raise PipelineError(f"data.csv.images: {images} is not a folder")
     if not table.is_file():
@@ -252,11 +182,13 @@ def medmnist_source(params: MedmnistParams) -> Iterator[Candidate]:
 
 def url_source(params: UrlParams) -> Iterator[Candidate]:
     """An archive of a folder dataset: fetched, hash-checked, unpacked safely, read as a folder."""
-    from tlpipe.data.archives import extract_archive, fetch
+    from tlpipe.data.archives import extract_archive
+    from tlpipe.data.fetch import fetch
 
+    url = _required(params.url, "data.url.url")
     with tempfile.TemporaryDirectory(prefix="tlpipe-download-") as workdir:
-        name = Path(urllib.parse.urlparse(params.url).path).name or "archive"
-        archive = fetch(params.url, Path(workdir) / name, sha256=params.sha256)
+        name = Path(urllib.parse.urlparse(url).path).name or "archive"
+        archive = fetch(url, Path(workdir) / name, sha256=params.sha256)
         try:
             root = extract_archive(
                 archive,
@@ -266,7 +198,7 @@ def url_source(params: UrlParams) -> Iterator[Candidate]:
             )
         except PipelineError as err:
             # name the archive as the user gave it, not by its temporary copy
-            raise PipelineError(str(err).replace(str(archive), params.url)) from None
+            raise PipelineError(str(err).replace(str(archive), url)) from None
         yield from folder_candidates(_dataset_root(root, params.subdir), key="data.url.subdir")
 
 
@@ -307,7 +239,7 @@ def _output_name(candidate: Candidate, taken: set[str]) -> str:
 def candidates_for(params: DataParams) -> Iterator[Candidate]:
     readers = {
         "demo": lambda: demo_candidates(params.demo),
-        "folder": lambda: folder_candidates(Path(params.folder.path)),
+        "folder": lambda: folder_candidates(Path(_required(params.folder.path, "data.folder.path"))),
         "csv": lambda: csv_candidates(params.csv),
         "medmnist": lambda: medmnist_source(params.medmnist),
         "url": lambda: url_source(params.url),
@@ -344,7 +276,10 @@ def ingest(candidates: Iterator[Candidate], params: DataParams, out_dir: Path) -
                 if allowed is not None and cand.label not in allowed:
                     raise Rejected(f"label {cand.label!r} not in data.classes")
                 img = decode_image(
-                    cand.source, cand.open, params.min_image_size, params.max_image_pixels,
+                    cand.source,
+                    cand.open,
+                    params.min_image_size,
+                    params.max_image_pixels,
                     PIL_MODES[params.channels],
                 )
             except Rejected as why:
@@ -390,5 +325,5 @@ def download(params: DataParams, out_dir: Path) -> IngestSummary:
             {"kept": summary.kept, "rejected": summary.rejected, "classes": len(summary.classes)}
         )
         tracking.log_artifact(str(Path(out_dir) / QUARANTINE))
-    print(summary.line())
+    logger.info(summary.line())
     return summary

@@ -285,7 +285,7 @@ def load_torch_weights(model: keras.Model, state_dict: dict[str, np.ndarray]) ->
                 f"layer {layer_name} has {len(layer.weights)} weights, mapping has {len(entries)}"
             )
         values = []
-        for (key, convert), variable in zip(entries, layer.weights):
+        for (key, convert), variable in zip(entries, layer.weights, strict=True):
             if key not in state_dict:
                 raise WeightLoadingError(f"checkpoint lacks key {key!r} (for layer {layer_name})")
             if key in used:

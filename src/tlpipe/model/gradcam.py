@@ -24,8 +24,6 @@ every operation after them is recorded whether its weights train or not.
 
 from __future__ import annotations
 
-import base64
-import io
 from collections.abc import Callable
 
 import keras
@@ -192,7 +190,7 @@ def overlay(
     if heat.ndim != 2:
         raise ValueError(f"heatmap must be (height, width), got shape {heat.shape}")
     if heat.shape != image.shape[:2]:
-        resized = Image.fromarray(heat).resize((image.shape[1], image.shape[0]), Image.BILINEAR)
+        resized = Image.fromarray(heat).resize((image.shape[1], image.shape[0]), Image.Resampling.BILINEAR)
         heat = np.clip(np.asarray(resized), 0.0, 1.0)
     colour = matplotlib.colormaps[colormap](heat)[..., :3] * 255.0
     blended = (1.0 - alpha) * image.astype(np.float64) + alpha * colour

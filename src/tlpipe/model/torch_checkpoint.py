@@ -209,7 +209,7 @@ def _materialise(ref: _TensorRef, storages: dict[str, np.ndarray]) -> np.ndarray
         raise CheckpointError(f"invalid tensor geometry size={ref.size} stride={ref.stride}")
     if 0 not in ref.size:
         # as_strided does no bounds checking, so a hostile file could otherwise read arbitrary memory.
-        last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride))
+        last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride, strict=True))
         if last >= base.size:
             raise CheckpointError(
                 f"tensor view (offset={ref.offset}, size={ref.size}, stride={ref.stride}) "

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
-import sys
 from pathlib import Path
 
 from tlpipe.core import constants as C
@@ -27,6 +27,8 @@ from tlpipe.core.files import atomic_write, path_digest, read_json
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 PYFUNC_NAME = "classifier"  # the evaluate run's pyfunc model
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     tracking.check_reachable()
     decision = promote(args.evaluation, args.model, params.registry, args.out)
-    print(f"tlpipe promote: {decision['reason']}", file=sys.stderr)
+    logger.info("tlpipe promote: %s", decision["reason"])
     return 0
 
 
@@ -117,7 +119,9 @@ def promote(evaluation_dir: Path, model_path: Path, params: RegistryParams, deci
         client = mlflow.MlflowClient()
         source = evaluated_run(client, run.info.experiment_id, digest, model_path)
         champion = champion_version(client, params.model_name)
-        champion_value = None if champion is None else float(champion.tags[C.METRIC_TAG_PREFIX + params.metric])
+        champion_value = (
+            None if champion is None else float(champion.tags[C.METRIC_TAG_PREFIX + params.metric])
+        )
         if champion is not None and champion.tags.get(C.MODEL_DIGEST_TAG) == digest:
             version, promoted = champion, False
             reason = f"the champion (version {champion.version}) is this model already: nothing to register"
@@ -166,7 +170,10 @@ def register(client, params: RegistryParams, source, digest: str, value: float):
     for name in PROMOTION_METRICS:
         if name in source.data.metrics and name != params.metric:
             client.set_model_version_tag(
-                params.model_name, version.version, C.METRIC_TAG_PREFIX + name, repr(source.data.metrics[name])
+                params.model_name,
+                version.version,
+                C.METRIC_TAG_PREFIX + name,
+                repr(source.data.metrics[name]),
             )
     client.set_registered_model_alias(params.model_name, CHALLENGER, version.version)
     return version

@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tlpipe.core.config import SUMMARY_METRICS
 from tlpipe.core.errors import PipelineError
@@ -61,7 +62,7 @@ class Step:
 def run(args: argparse.Namespace) -> int:
     repo = Path.cwd()
     env = child_environment(os.environ, execution_id(os.environ))
-    print(f"retrain: execution {env[EXECUTION_ID_VARIABLE]} in {repo}", flush=True)
+    echo(f"retrain: execution {env[EXECUTION_ID_VARIABLE]} in {repo}")
     remote = None if args.no_remote else configured_remote(repo, env, args.remote)
     steps = retrain_steps(remote)
     total = len(steps) + 1  # and the summary
@@ -71,9 +72,9 @@ def run(args: argparse.Namespace) -> int:
     except PipelineError as err:
         append_step_summary(env, failure_markdown(str(err), env[EXECUTION_ID_VARIABLE]))
         raise
-    print(progress_line(total, total, "summary"), flush=True)
+    echo(progress_line(total, total, "summary"))
     summary = summary_markdown(repo, env)
-    print(summary, flush=True)
+    echo(summary)
     append_step_summary(env, summary)
     return 0
 
@@ -104,12 +105,18 @@ def retrain_steps(remote: str | None) -> list[Step]:
     ]
 
 
+def echo(text: str) -> None:
+    """A line of the job's own output, on stdout between the echoed output of its commands."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 def progress_line(number: int, total: int, name: str) -> str:
     return f"retrain [{number}/{total}] {name}"
 
 
 def run_step(step: Step, number: int, total: int, repo: Path, env: Mapping[str, str]) -> None:
-    print(progress_line(number, total, step.name), flush=True)
+    echo(progress_line(number, total, step.name))
     if step.argv is None:
         return
     code, tail = stream_command(step.argv, repo, env)
@@ -132,6 +139,7 @@ def stream_command(argv: Sequence[str], cwd: Path, env: Mapping[str, str]) -> tu
         text=True,
         errors="replace",
     ) as proc:
+        assert proc.stdout is not None  # stdout=PIPE
         for line in proc.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
@@ -228,7 +236,7 @@ def _number(value: object) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
 
 
-def metrics_table(metrics: Mapping[str, object], extra: str | None = None) -> str:
+def metrics_table(metrics: Mapping[str, Any], extra: str | None = None) -> str:
     """Headline test metrics with their confidence intervals, then the test set's size."""
     keys = [k for k in HEADLINE_METRICS if k in metrics]
     if extra and extra in metrics and extra not in keys:
@@ -252,7 +260,7 @@ def _version_and_value(entry: Mapping[str, object] | None) -> tuple[str, str]:
     return str(entry.get("version", "?")), _number(entry.get("value"))
 
 
-def decision_markdown(decision: Mapping[str, object]) -> str:
+def decision_markdown(decision: Mapping[str, Any]) -> str:
     metric = decision.get("metric", "?")
     better = "higher" if decision.get("higher_is_better", True) else "lower"
     challenger_version, challenger_value = _version_and_value(decision.get("challenger"))

@@ -17,24 +17,27 @@ from __future__ import annotations
 import argparse
 import base64
 import csv
-import io
+import logging
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
-from tlpipe.data.pixels import load_pixels
 from tlpipe.core.errors import PipelineError
 from tlpipe.core.files import read_json
-from tlpipe.core.images import IMAGE_EXTENSIONS, Rejected, decode_image
+from tlpipe.core.images import IMAGE_EXTENSIONS, Rejected
+from tlpipe.data.pixels import load_pixels
 
 BATCH = 32
 DEFAULT_MODEL = "models/model.keras"
 DEFAULT_CLASSES = Path("data/augmented/classes.json")
+
+Loaded = TypeVar("Loaded")  # what a file is read into: pixels, or its bytes for a served model
+logger = logging.getLogger(__name__)
 
 
 def image_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -53,12 +56,12 @@ def image_files(paths: Iterable[str | Path]) -> list[Path]:
 
 def _batched_rows(
     files: Sequence[Path],
-    load: Callable[[Path], object],
-    classify: Callable[[list[tuple[Path, object]]], Iterator[dict]],
+    load: Callable[[Path], Loaded],
+    classify: Callable[[list[tuple[Path, Loaded]]], Iterator[dict]],
     progress: bool,
 ) -> Iterator[dict]:
     """Rows in the files' order: loaded one by one, classified BATCH at a time, unreadable ones with the reason."""
-    pending: list[tuple[Path, object]] = []
+    pending: list[tuple[Path, Loaded | Rejected]] = []
     with tqdm(total=len(files), unit="img", disable=not progress, file=sys.stderr) as bar:
         for path in files:
             try:
@@ -73,7 +76,8 @@ def _batched_rows(
 
 
 def _flush(
-    pending: list[tuple[Path, object]], classify: Callable[[list[tuple[Path, object]]], Iterator[dict]]
+    pending: list[tuple[Path, Loaded | Rejected]],
+    classify: Callable[[list[tuple[Path, Loaded]]], Iterator[dict]],
 ) -> Iterator[dict]:
     readable = [(path, item) for path, item in pending if not isinstance(item, Rejected)]
     classified = classify(readable) if readable else iter(())
@@ -89,15 +93,17 @@ def predict_rows(model, files: Sequence[Path], classes: list[str], progress: boo
     size = int(model.input_shape[1])
 
     def classify(batch: list[tuple[Path, np.ndarray]]) -> Iterator[dict]:
-        from tlpipe.model.inference import probabilities  # TensorFlow: only once there is something to classify
+        from tlpipe.model.inference import (
+            probabilities,  # TensorFlow: only once there is something to classify
+        )
 
         probs = probabilities(model, np.stack([pixels for _, pixels in batch]), len(classes))
-        for (path, _), row in zip(batch, probs):
+        for (path, _), row in zip(batch, probs, strict=True):
             yield {
                 "path": str(path),
                 "predicted": classes[int(row.argmax())],
                 "error": "",
-                **{f"p_{c}": f"{p:.6f}" for c, p in zip(classes, row)},
+                **{f"p_{c}": f"{p:.6f}" for c, p in zip(classes, row, strict=True)},
             }
 
     return _batched_rows(files, lambda path: load_pixels(path, size), classify, progress)
@@ -164,7 +170,7 @@ def logged_model_rows(model, files: Sequence[Path], classes: list[str], progress
     def classify(batch: list[tuple[Path, bytes]]) -> Iterator[dict]:
         images = [base64.b64encode(data).decode("ascii") for _, data in batch]
         out = model.predict(pd.DataFrame({IMAGE_COLUMN: images}))
-        for (path, _), row in zip(batch, out.to_dict("records")):
+        for (path, _), row in zip(batch, out.to_dict("records"), strict=True):
             error = str(row.get("error") or "")
             scores = {} if error else {f"p_{c}": f"{float(row[f'p_{c}']):.6f}" for c in classes}
             yield {
@@ -237,5 +243,5 @@ def run(args: argparse.Namespace) -> int:
         with open(args.out, "w", newline="", encoding="utf-8") as fh:
             done, failed = predict(args.model, args.paths, args.classes, fh)
     note = f"; {failed} unreadable (see the error column)" if failed else ""
-    print(f"tlpipe predict: {done} images classified{note}", file=sys.stderr)
+    logger.info("tlpipe predict: %d images classified%s", done, note)
     return 0

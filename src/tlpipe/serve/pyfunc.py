@@ -28,12 +28,12 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.pyfunc import PythonModel
 
-from tlpipe.core import constants as C
 from tlpipe.core.files import read_json
+from tlpipe.core.images import Rejected
 from tlpipe.data.pixels import bytes_pixels
 from tlpipe.model.inference import probabilities
-from tlpipe.core.images import Rejected
 
 IMAGE_COLUMN = "image"
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -71,13 +71,13 @@ def classify_images(model, classes: list[str], images: Iterable[object]) -> pd.D
     table = np.full((len(errors), len(classes)), np.nan)
     if pixels:
         table[ok] = probabilities(model, np.stack(pixels), len(classes))
-    predicted = [classes[int(row.argmax())] if good else "" for row, good in zip(table, ok)]
+    predicted = [classes[int(row.argmax())] if good else "" for row, good in zip(table, ok, strict=True)]
     return pd.DataFrame(
         {"predicted": predicted, **{f"p_{c}": table[:, k] for k, c in enumerate(classes)}, "error": errors}
     )
 
 
-class RawImageClassifier(mlflow.pyfunc.PythonModel):
+class RawImageClassifier(PythonModel):
     """The Keras model plus the pipeline's image decoding, as a pyfunc model."""
 
     def load_context(self, context) -> None:

@@ -9,10 +9,8 @@ to a temporary name and renamed, so a kill leaves the previous checkpoint intact
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,17 +28,6 @@ BEST_WEIGHTS = "best_weights.npz"
 def fingerprint(*parts: object) -> str:
     """A digest of everything a checkpoint depends on (params, input digests...)."""
     return json_digest(parts)
-
-
-def digest_files(paths: Iterable[str | Path]) -> str:
-    """sha256 over the names and bytes of ``paths``, in the order given."""
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(str(path).encode() + b"\0")
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -126,7 +113,7 @@ class Checkpoint:
         saved = _load_arrays(path)
         if [tuple(v.shape) for v in optimizer.variables] != [a.shape for a in saved]:
             return False  # a different trainable set (gradual unfreezing moved on): start it afresh
-        for variable, value in zip(optimizer.variables, saved):
+        for variable, value in zip(optimizer.variables, saved, strict=True):
             variable.assign(value)
         return True
 

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 import keras
 import numpy as np
+from sklearn.utils.class_weight import compute_class_weight
 
 from tlpipe.core.config import TrainingPhaseParams
 from tlpipe.core.errors import PipelineError
@@ -30,13 +31,15 @@ _OPTIMIZERS = {
 # ------------------------------------------------------------ learning rate
 
 
-def epoch_learning_rate(params: TrainingPhaseParams, base_lr: float, epoch: int) -> float:
+def epoch_learning_rate(params: TrainingPhaseParams, epoch: int) -> float:
     """The learning rate for a 0-based epoch: warm-up, then the constant, step or cosine schedule.
+
+    The schedule starts from ``params.learning_rate``.
 
     Per-epoch rather than per-step, so a run resumed at epoch k continues on the
     same curve without needing the optimizer's step counter.
     """
-    floor, warmup = params.min_learning_rate, params.warmup_epochs
+    base_lr, floor, warmup = params.learning_rate, params.min_learning_rate, params.warmup_epochs
     if epoch < warmup:  # linear, never 0: a first epoch at rate 0 would be wasted
         return base_lr * (epoch + 1) / (warmup + 1)
     if params.schedule == "step":
@@ -48,10 +51,10 @@ def epoch_learning_rate(params: TrainingPhaseParams, base_lr: float, epoch: int)
     return base_lr
 
 
-def schedule_callbacks(params: TrainingPhaseParams, base_lr: float) -> list[keras.callbacks.Callback]:
+def schedule_callbacks(params: TrainingPhaseParams) -> list[keras.callbacks.Callback]:
     """The Keras callbacks that apply ``params.schedule`` (none for a constant rate)."""
     if params.schedule in ("step", "cosine") or params.warmup_epochs:
-        return [keras.callbacks.LearningRateScheduler(lambda e, _lr: epoch_learning_rate(params, base_lr, e))]
+        return [keras.callbacks.LearningRateScheduler(lambda e, _lr: epoch_learning_rate(params, e))]
     if params.schedule == "plateau":
         return [
             keras.callbacks.ReduceLROnPlateau(
@@ -69,11 +72,9 @@ def schedule_callbacks(params: TrainingPhaseParams, base_lr: float) -> list[kera
 
 
 def make_optimizer(
-    params: TrainingPhaseParams,
-    learning_rate: float,
-    lr_factors: dict[int, float] | None = None,
+    params: TrainingPhaseParams, lr_factors: dict[int, float] | None = None
 ) -> keras.optimizers.Optimizer:
-    """The optimizer ``params`` names.
+    """The optimizer ``params`` names, at ``params.learning_rate``.
 
     ``lr_factors`` maps ``id(variable)`` to a learning-rate multiplier, for
     discriminative rates (a backbone slower than its head). Keras applies one
@@ -82,7 +83,7 @@ def make_optimizer(
     """
     cls = _OPTIMIZERS[params.optimizer]
     kwargs: dict[str, object] = {
-        "learning_rate": learning_rate,
+        "learning_rate": params.learning_rate,
         "clipnorm": params.clip_norm,
         # named: Keras would number it by how many optimizers this process made ("adam_2")
         "name": params.optimizer,
@@ -120,6 +121,7 @@ def _with_lr_factors(cls: type[keras.optimizers.Optimizer]) -> type[keras.optimi
 
 
 def lr_factors_for(variables: Iterable, factor: float) -> dict[int, float]:
+    """The ``lr_factors`` that give every one of ``variables`` the same multiplier."""
     return {id(v): factor for v in variables}
 
 
@@ -152,11 +154,12 @@ def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> dict[int, fl
     """
     if mode == "none":
         return None
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes)
+    labels = np.asarray(labels, dtype=np.int64)
+    counts = np.bincount(labels, minlength=n_classes)
     if (counts == 0).any():
         missing = [int(i) for i in np.flatnonzero(counts == 0)]
         raise PipelineError(f"the train split has no images of class index {missing}")
     if mode == "auto" and counts.max() / counts.min() <= IMBALANCE_RATIO:
         return None
-    total = counts.sum()
-    return {i: float(total / (n_classes * c)) for i, c in enumerate(counts)}
+    balanced = compute_class_weight("balanced", classes=np.arange(n_classes), y=labels)
+    return {i: float(w) for i, w in enumerate(balanced)}

@@ -1,0 +1,187 @@
+"""The fine-tune phase: unfreeze the top of the backbone and train on at a lower rate.
+
+All at once, or gradually (one more block every ``unfreeze_every`` epochs); a
+from-scratch baseline (backbone weights ``none``) trains every layer instead.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+
+from tlpipe.core import tracking
+from tlpipe.core.config import FineTuneParams, section_dict
+from tlpipe.core.files import path_digest
+from tlpipe.data.datasets import image_dataset, load_augmented, load_images
+from tlpipe.model.backbones import get_backbone, resolve_weights, set_top_blocks_trainable, set_trainable_from
+from tlpipe.model.outputs import find_backbone
+from tlpipe.model.storage import load_model, save_model_atomically
+from tlpipe.train.checkpoints import Checkpoint, TrainingState, fingerprint
+from tlpipe.train.devices import apply_precision, distribution_strategy
+from tlpipe.train.features import data_digest
+from tlpipe.train.fitting import (
+    best_epoch_metrics,
+    compile_for,
+    describe_class_weight,
+    fit_resumable,
+    seed_everything,
+    targets,
+    write_history,
+)
+from tlpipe.train.optimization import class_weights, lr_factors_for
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UnfreezeStep:
+    first_epoch: int  # 0-based
+    end_epoch: int  # exclusive
+    blocks: int | None  # top blocks trainable; None: unfreeze_from (or everything from scratch)
+
+
+def phase_params(params: FineTuneParams, scratch: bool) -> FineTuneParams:
+    """``params`` with the rate this phase trains at as ``learning_rate``.
+
+    Resolved once, so the optimizer, the schedule and the log line cannot disagree on it.
+    """
+    if scratch:
+        return params.model_copy(update={"learning_rate": params.scratch_learning_rate})
+    return params
+
+
+def unfreeze_plan(params: FineTuneParams, block_count: int) -> list[UnfreezeStep]:
+    """Which blocks train in which epochs: all at once, or one more every ``unfreeze_every``."""
+    if params.unfreeze_from is not None:
+        return [UnfreezeStep(0, params.epochs, None)]
+    blocks = block_count if params.unfreeze_blocks == "all" else params.unfreeze_blocks
+    if not params.unfreeze_every or blocks <= 1:
+        return [UnfreezeStep(0, params.epochs, blocks)]
+    steps = []
+    for i in range(blocks):
+        first = i * params.unfreeze_every
+        if first >= params.epochs:
+            break
+        steps.append(UnfreezeStep(first, params.epochs, i + 1))
+    bounded = [UnfreezeStep(s.first_epoch, nxt.first_epoch, s.blocks) for s, nxt in itertools.pairwise(steps)]
+    return [*bounded, steps[-1]]
+
+
+def unfreeze(
+    backbone_model: keras.Model, name: str, params: FineTuneParams, step: UnfreezeStep, scratch: bool
+) -> int:
+    """Make ``step``'s layers trainable; the number of backbone layers with weights that train."""
+    if scratch:
+        backbone_model.trainable = True
+        for layer in backbone_model.layers:
+            layer.trainable = True
+        return sum(1 for layer in backbone_model.layers if layer.weights)
+    if step.blocks is None:
+        assert params.unfreeze_from is not None  # unfreeze_plan makes a step without blocks only then
+        return set_trainable_from(backbone_model, params.unfreeze_from)
+    return set_top_blocks_trainable(backbone_model, get_backbone(name), step.blocks)
+
+
+def fine_tune(
+    augmented_dir: Path,
+    model_in: Path,
+    params: FineTuneParams,
+    model_out: Path,
+    history_out: Path,
+    checkpoint_dir: Path,
+    backbone_weights: str = "imagenet",
+) -> dict[str, float]:
+    """The fine-tune stage: unfreeze the top of the backbone and train on at a lower rate.
+
+    ``backbone_weights`` is train_frozen.weights: ``none`` (the from-scratch
+    baseline) trains every layer, BatchNormalization included, at
+    ``scratch_learning_rate``, as there are no pretrained features to protect.
+    """
+    strategy = distribution_strategy(params.distribution)
+    seed_everything(params.seed)
+    apply_precision(params.mixed_precision)
+    data = load_augmented(augmented_dir)
+    n_classes = len(data.classes)
+    scratch = resolve_weights(backbone_weights) is None
+    # the run's params and fingerprint are the section as written, before the rate is resolved
+    run_params = {**section_dict(params, "fine_tune"), "train_frozen.weights": backbone_weights}
+    model_digest = path_digest(model_in) if Path(model_in).exists() else None
+    checkpoint = Checkpoint(Path(checkpoint_dir), fingerprint(run_params, data_digest(data), model_digest))
+    params = phase_params(params, scratch)
+    with tracking.stage_run("fine-tune", run_params):
+        with strategy.scope():
+            model = load_model(model_in)
+        backbone_model, backbone_name = find_backbone(model)
+        weights = class_weights(data.split("train").labels, n_classes, params.class_weight)
+        logger.info(f"fine-tune: {describe_class_weight(weights, data.classes)}")
+        train = image_dataset(
+            data.split("train"), params.batch_size, shuffle_seed=params.seed, targets=targets(data, "train")
+        )
+        val = image_dataset(data.split("val"), params.batch_size, targets=targets(data, "val"))
+        initial_weights = model.get_weights()
+        state = checkpoint.load_state() or TrainingState(checkpoint.fingerprint)
+        start = time.perf_counter()
+        unfrozen = 0
+        for step in unfreeze_plan(params, get_backbone(backbone_name).block_count):
+            with strategy.scope():
+                unfrozen = unfreeze(backbone_model, backbone_name, params, step, scratch)
+                factor = 1.0 if scratch else params.backbone_lr_factor
+                lr_factors = lr_factors_for(backbone_model.trainable_variables, factor)
+                compile_for(model, params, n_classes, lr_factors)
+            logger.info(
+                f"fine-tune: epochs {step.first_epoch + 1}-{step.end_epoch}: {unfrozen} backbone layers "
+                f"trainable ({_unfreeze_description(params, step, scratch)}), "
+                f"learning rate {params.learning_rate:g}"
+                + (f", backbone x{factor:g}" if factor != 1.0 else "")
+            )
+            if state.initial_val_loss is None:
+                state.initial_val_loss = float(model.evaluate(val, verbose=0, return_dict=True)["loss"])
+                checkpoint.save_state(state)
+            fit_resumable(
+                model, train, val, (step.first_epoch, step.end_epoch), params,
+                checkpoint, state, weights, "fine_tune",
+            )  # fmt: skip
+        seconds = time.perf_counter() - start
+        best = best_epoch_metrics(state.rows)
+        initial_val_loss = state.initial_val_loss
+        assert initial_val_loss is not None  # measured before the first step's fit
+        # never hand on a model worse on validation than the one we started from
+        kept_initial = state.best_val_loss >= initial_val_loss
+        if kept_initial:
+            final_weights = initial_weights
+            logger.info(
+                f"fine-tune: no epoch beat the frozen model's val_loss {initial_val_loss:.4f} "
+                f"(best {state.best_val_loss:.4f}); keeping the frozen model's weights"
+            )
+        else:
+            final_weights = checkpoint.best_weights()
+        # saved from a fresh copy of the input: the trained model carries its optimizer
+        # (possibly a per-variable-rate one) that a user loading the file has no use for
+        final = load_model(model_in)
+        final.set_weights(final_weights)
+        save_model_atomically(final, model_out)
+        write_history(state.rows, history_out)
+        checkpoint.finish(state)
+        metrics = {
+            **best,
+            "initial_val_loss": initial_val_loss,
+            "kept_initial_weights": int(kept_initial),
+            "train_seconds": seconds,
+            "trainable_layers": unfrozen,
+        }
+        tracking.log_metrics(metrics)
+        tracking.log_keras_model(final, "model", load_images(data.split("val"), 4))
+    return metrics
+
+
+def _unfreeze_description(params: FineTuneParams, step: UnfreezeStep, scratch: bool) -> str:
+    if scratch:
+        return "from scratch: every layer, BatchNormalization included"
+    if step.blocks is None:
+        return f"from layer {params.unfreeze_from!r} up, BatchNormalization frozen"
+    return f"top {step.blocks} blocks, BatchNormalization frozen"
