@@ -75,8 +75,25 @@ def stages_run(proc: subprocess.CompletedProcess) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", proc.stdout + proc.stderr)
 
 
-def declared_outputs(repo: Path) -> list[str]:
+def load_dvc_yaml(repo: Path = REPO) -> dict:
+    """dvc.yaml as DVC reads it: each ``${name}`` replaced by its value from ``vars`` (keys too)."""
     spec = yaml.safe_load((repo / "dvc.yaml").read_text())
+    values = {k: v for entry in spec.get("vars", []) for k, v in entry.items()}
+
+    def resolved(node: object) -> object:
+        if isinstance(node, str):
+            return re.sub(r"\$\{(\w+)\}", lambda m: str(values[m.group(1)]), node)
+        if isinstance(node, dict):
+            return {resolved(k): resolved(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolved(v) for v in node]
+        return node
+
+    return resolved(spec)  # type: ignore[return-value]
+
+
+def declared_outputs(repo: Path) -> list[str]:
+    spec = load_dvc_yaml(repo)
     paths = []
     for stage in spec["stages"].values():
         for kind in ("outs", "metrics", "plots"):

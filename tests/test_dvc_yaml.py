@@ -7,25 +7,11 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
+
+from pipeline_helpers import load_dvc_yaml
 
 REPO = Path(__file__).resolve().parents[1]
-RAW_SPEC = yaml.safe_load((REPO / "dvc.yaml").read_text())
-VARS = {k: v for entry in RAW_SPEC.get("vars", []) for k, v in entry.items()}
-
-
-def resolved(node: object) -> object:
-    """dvc.yaml with its ``${name}`` vars filled in, as DVC reads it (keys included)."""
-    if isinstance(node, str):
-        return re.sub(r"\$\{(\w+)\}", lambda m: str(VARS[m.group(1)]), node)
-    if isinstance(node, dict):
-        return {resolved(k): resolved(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [resolved(v) for v in node]
-    return node
-
-
-SPEC = resolved(RAW_SPEC)
+SPEC = load_dvc_yaml(REPO)
 STAGES = SPEC["stages"]
 
 

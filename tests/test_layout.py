@@ -37,5 +37,5 @@ def test_the_layers_in_the_docs_are_the_enforced_contract():
     pyproject = (REPO / "pyproject.toml").read_text()
     enforced = re.search(r"layers = \[(.*?)\]", pyproject, flags=re.S).group(1)
     enforced_layers = [line.strip().strip('",').replace("tlpipe.", "") for line in enforced.splitlines()]
-    documented = re.search(r"```\n(command_line.*?)\n```", MAP, flags=re.S).group(1)
+    documented = re.search(r"```\n\s*(command_line.*?)\n\s*```", MAP, flags=re.S).group(1)
     assert [x for x in enforced_layers if x] == [line.strip() for line in documented.splitlines()]

@@ -12,9 +12,17 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
-from pipeline_helpers import STAGES, TINY_PARAMS, copy_repo, declared_outputs, dvc, edit_params, stages_run
+from pipeline_helpers import (
+    STAGES,
+    TINY_PARAMS,
+    copy_repo,
+    declared_outputs,
+    dvc,
+    edit_params,
+    load_dvc_yaml,
+    stages_run,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -40,7 +48,7 @@ def test_every_declared_output_exists(pipeline):
     assert not missing
     for directory in ("data/raw", "data/split", "data/augmented"):
         assert (repo / directory / "manifest.csv").stat().st_size > 0
-    artifacts = yaml.safe_load((repo / "dvc.yaml").read_text())["artifacts"]
+    artifacts = load_dvc_yaml(repo)["artifacts"]
     assert all((repo / a["path"]).is_file() for a in artifacts.values())
 
 

@@ -26,7 +26,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline_helpers import REPO, STAGES, TINY_PARAMS, copy_repo, dvc, dvc_env, edit_params, stages_run
+from pipeline_helpers import (
+    REPO,
+    STAGES,
+    TINY_PARAMS,
+    copy_repo,
+    dvc,
+    dvc_env,
+    edit_params,
+    load_dvc_yaml,
+    stages_run,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -138,7 +148,7 @@ def test_two_clean_repros_give_byte_identical_data_models_and_metrics(runs: Runs
 
 
 def _stage_spec(repo: Path, stage: str) -> dict:
-    return yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][stage]
+    return load_dvc_yaml(repo)["stages"][stage]
 
 
 def _stage_outputs(repo: Path, stage: str) -> list[Path]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline_helpers import declared_outputs, merge
+from pipeline_helpers import declared_outputs, load_dvc_yaml, merge
 from source_fixtures import (
     BAD_FILES,
     class_folders,
@@ -41,6 +41,9 @@ TINY = {
 }
 
 
+pytestmark = pytest.mark.e2e  # every source through all seven stage scripts
+
+
 @pytest.fixture
 def repo(tmp_path) -> Path:
     """The pipeline's files (dvc.yaml, stages/, params.yaml) in a scratch folder."""
@@ -56,7 +59,7 @@ def run_pipeline(repo: Path, data: dict, split: dict | None = None) -> dict:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params = merge(merge(params, TINY), {"data": data, "split": split or {}})
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    stages = load_dvc_yaml(repo)["stages"]
     for name, stage in stages.items():
         argv = shlex.split(" ".join(stage["cmd"].split()))
         assert argv[0] == "python"

@@ -33,6 +33,9 @@ OPERATING_POINT_FIELDS = (
 )
 
 
+pytestmark = pytest.mark.slow  # builds, trains or runs real Keras models
+
+
 def test_flat_metrics_are_scalar_and_dotted() -> None:
     flat = flat_metrics(classification_metrics(TRI_Y, TRI_PROBS, ["a", "b", "c"]))
     assert flat["a.precision"] == pytest.approx(0.5)

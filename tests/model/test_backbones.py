@@ -57,6 +57,9 @@ PREPROCESSING_BUILT_IN = {
 ALL_BACKBONES = ["efficientnet_lite0", *KERAS_APPLICATIONS]
 
 
+pytestmark = pytest.mark.slow  # builds, trains or runs real Keras models
+
+
 def _input_shape(backbone: Backbone) -> tuple[int, int, int]:
     # the smallest input each accepts: the block structure does not depend on it, and it is fast
     return (backbone.min_size, backbone.min_size, 3)

@@ -26,6 +26,9 @@ from tlpipe.model.torch_checkpoint import load_legacy_state_dict
 IMAGENET_DAISY = 985
 
 
+pytestmark = pytest.mark.slow  # builds, trains or runs real Keras models
+
+
 def _weights_or_skip() -> Path:
     try:
         return default_weights_path()

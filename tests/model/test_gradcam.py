@@ -27,6 +27,9 @@ SIZE = 96
 IMAGENET_DAISY = 985
 
 
+pytestmark = pytest.mark.slow  # builds, trains or runs real Keras models
+
+
 def _weights_or_skip() -> None:
     try:
         default_weights_path()

@@ -16,6 +16,8 @@ from tlpipe.core.errors import PipelineError
 from tlpipe.core.files import path_digest
 from tlpipe.ops.registry import CHALLENGER, CHAMPION, beats, decide, promote
 
+pytestmark = pytest.mark.slow  # logs and registers models in an MLflow store, seconds each
+
 # a stand-in for the evaluate stage's pyfunc model: registering needs a logged model, not TensorFlow
 MODEL_CODE = """
 import mlflow.pyfunc

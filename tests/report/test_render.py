@@ -106,6 +106,7 @@ def test_markdown_summary_stays_short_with_many_classes(tmp_path: Path) -> None:
     assert "| accuracy | 0.8125 | [0.6250, 0.9375] |" in lines
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian: apt-get install chromium)")
 def test_report_renders_in_headless_chromium(tmp_path: Path, tiny_model) -> None:
     inputs = full_inputs(tmp_path, tiny_model)

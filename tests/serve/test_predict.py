@@ -27,6 +27,9 @@ REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["red", "blue"]
 
 
+pytestmark = pytest.mark.slow  # builds, trains or runs real Keras models
+
+
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
     keras.utils.set_random_seed(0)

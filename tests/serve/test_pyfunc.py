@@ -38,6 +38,9 @@ SIZE = 32
 SERVER_START_S = 180
 
 
+pytestmark = pytest.mark.slow  # builds, trains or runs real Keras models
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 

@@ -28,6 +28,9 @@ from tlpipe.train.head import build_backbone_model
 REPO = Path(__file__).resolve().parents[2]
 
 
+pytestmark = pytest.mark.slow  # builds, trains or runs real Keras models
+
+
 def _tiny_model() -> keras.Model:
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])

@@ -20,6 +20,8 @@ from tlpipe.train.frozen import train_frozen
 from tlpipe.train.head import build_head
 from tlpipe.train.optimization import encode_labels
 
+pytestmark = pytest.mark.slow  # builds, trains or runs real Keras models
+
 
 def test_assembled_model_equals_head_on_cached_features(
     tri: Trained, fresh_backbone: keras.Model, tmp_path: Path

@@ -26,6 +26,8 @@ from tlpipe.train.fine_tune import (
 from tlpipe.train.fitting import compile_for
 from tlpipe.train.optimization import encode_labels
 
+pytestmark = pytest.mark.slow  # builds, trains or runs real Keras models
+
 
 def test_fine_tune_changes_only_the_top_blocks(tri: Trained) -> None:
     before, _ = outputs.find_backbone(load(tri.frozen))

@@ -16,6 +16,8 @@ from tlpipe.train.fine_tune import fine_tune
 from tlpipe.train.fitting import best_epoch_metrics, write_history
 from tlpipe.train.frozen import train_frozen
 
+pytestmark = pytest.mark.slow  # builds, trains or runs real Keras models
+
 
 def test_best_epoch_metrics_picks_lowest_val_loss() -> None:
     rows = [

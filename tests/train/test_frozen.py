@@ -19,6 +19,8 @@ from tlpipe.train.fitting import compile_for
 from tlpipe.train.frozen import train_frozen
 from tlpipe.train.optimization import encode_labels
 
+pytestmark = pytest.mark.slow  # builds, trains or runs real Keras models
+
 
 def test_frozen_model_loads_with_a_softmax_head(tri: Trained) -> None:
     model = load(tri.frozen)

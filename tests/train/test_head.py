@@ -19,6 +19,9 @@ from tlpipe.train.head import build_head
 # ------------------------------------------------------------------ outputs
 
 
+pytestmark = pytest.mark.slow  # builds, trains or runs real Keras models
+
+
 @pytest.mark.parametrize(("n_classes", "units", "activation"), [(2, 1, "sigmoid"), (3, 3, "softmax")])
 def test_output_spec(n_classes: int, units: int, activation: str) -> None:
     assert outputs.output_spec(n_classes) == outputs.OutputSpec(units, activation)
