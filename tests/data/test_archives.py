@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import stat
 import struct
@@ -11,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from archive_fixtures import make_zip, sha256_of
 
 from tlpipe.core.errors import PipelineError
 from tlpipe.data.archives import extract_archive
@@ -18,17 +18,6 @@ from tlpipe.data.fetch import fetch
 
 FILES = {"cats/a.txt": b"meow" * 100, "dogs/b.txt": b"woof" * 50, "dogs/sub/c.bin": bytes(range(256))}
 LIMITS = {"max_bytes": 10_000_000, "max_members": 1000}
-
-
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def make_zip(path: Path, files: dict[str, bytes]) -> Path:
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return path
 
 
 def make_tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]], mode: str = "w:gz") -> Path:

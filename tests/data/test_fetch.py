@@ -6,29 +6,17 @@ import functools
 import hashlib
 import http.server
 import threading
-import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
+from archive_fixtures import make_zip, sha256_of
 
 from tlpipe.core.errors import PipelineError
 from tlpipe.data import fetch as fetching
 from tlpipe.data.fetch import fetch
 
 FILES = {"cats/a.txt": b"meow" * 100, "dogs/b.txt": b"woof" * 50}
-
-
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def make_zip(path: Path, files: dict[str, bytes]) -> Path:
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return path
 
 
 # ------------------------------------------------------------------ fetch: file://
