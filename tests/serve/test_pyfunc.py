@@ -215,3 +215,12 @@ def test_mlflow_models_serve_answers_an_uploaded_image(files, model_uri, tmp_pat
     probs = [answer[f"p_{c}"] for c in CLASSES]
     assert sum(probs) == pytest.approx(1.0, abs=1e-5)
     np.testing.assert_allclose(probs, expected, atol=1e-5)
+
+
+def test_models_logged_before_the_subpackages_still_find_their_class():
+    # the code file saved with such a model runs exactly this import when MLflow loads it
+    namespace: dict[str, object] = {}
+    exec("from tlpipe.serving import RawImageClassifier", namespace)
+    from tlpipe.serve.pyfunc import RawImageClassifier
+
+    assert namespace["RawImageClassifier"] is RawImageClassifier
