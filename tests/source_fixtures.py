@@ -42,39 +42,75 @@ def class_folders(root: Path, per_class: int, labels=("cat", "dog")) -> Path:
     return root
 
 
-def kermany_tree(root: Path, per_split: dict[str, int], seed: int = 0) -> Path:
-    """chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/personN_kind_M.jpeg, one image per person."""
+_SPLIT_BASE = {"train": 100, "val": 700, "test": 1}  # patient numbers per split: disjoint unless shared
+
+
+def kermany_tree(root: Path, per_split: dict[str, int], seed: int = 0, shared_persons: int = 0) -> Path:
+    """``chest_xray/{split}/{NORMAL,PNEUMONIA}/``, n images per class and split, named as in the real set.
+
+    NORMAL cycles through ``IM-0115-0001.jpeg``, ``NORMAL2-IM-0116-0001.jpeg`` and a second image of the
+    first form's patient, ``IM-0115-0001-0002.jpeg``; PNEUMONIA holds two images per child,
+    ``person100_bacteria_10.jpeg`` and ``person100_virus_11.jpeg``. ``shared_persons`` test children
+    carry the number of a train child, as 170 do in the real set.
+    """
     for split, n in per_split.items():
-        for label in ("NORMAL", "PNEUMONIA"):
-            for i in range(n):
-                person = f"{split}{i}"
-                name = f"person{person}_{'virus' if label == 'PNEUMONIA' else 'normal'}_{i + 100}.jpeg"
-                save(root / split / label / name, tinted(label, seed=seed + i + 1000 * len(split)), "JPEG")
+        base = _SPLIT_BASE[split]
+        for i in range(n):
+            patient = base + i - i % 3
+            normal = (f"IM-{patient:04d}-0001.jpeg", f"NORMAL2-IM-{patient + 1:04d}-0001.jpeg",
+                      f"IM-{patient:04d}-0001-0002.jpeg")[i % 3]  # fmt: skip
+            person = base + i // 2
+            if split == "test" and i // 2 < shared_persons:
+                person = _SPLIT_BASE["train"] + i // 2
+            pneumonia = f"person{person}_{('bacteria', 'virus')[i % 2]}_{base * 10 + i}.jpeg"
+            for label, name in (("NORMAL", normal), ("PNEUMONIA", pneumonia)):
+                pixels = tinted(label, seed=seed + i + 1000 * base)
+                save(root / split / label / name, pixels, "JPEG", quality=95)
     return root
 
 
-def ham_fixture(tmp_path: Path, n: int = 12) -> tuple[Path, Path]:
-    """HAM10000-style: images/ISIC_000000N.jpg and a metadata CSV with lesion_id, image_id, dx."""
-    images = tmp_path / "images"
-    rows = ["lesion_id,image_id,dx,dx_type"]
+KERMANY_PATTERN = r"^((?:NORMAL2-)?IM-\d+|person\d+)[-_]"  # recipes/kermany.yaml's split.group_pattern
+
+HAM_COLUMNS = "lesion_id,image_id,dx,dx_type,age,sex,localization"
+HAM_CLASSES = ("nv", "mel", "bkl")
+
+
+def ham_fixture(root: Path, n: int = 12, classes: tuple[str, ...] = HAM_CLASSES) -> Path:
+    """HAM10000 as distributed: ``HAM10000_metadata.csv`` and the images split over
+    ``HAM10000_images_part_1/`` and ``HAM10000_images_part_2/`` (``ISIC_0024306.jpg`` ...),
+    two images per lesion (``HAM_0000118``)."""
+    rows = [HAM_COLUMNS]
     for i in range(n):
-        dx = ("nv", "mel", "bkl")[i % 3]
-        save(images / f"ISIC_{i:07d}.jpg", tinted(dx, seed=i), "JPEG")
-        rows.append(f"HAM_{i // 2:07d},ISIC_{i:07d},{dx},histo")
-    table = tmp_path / "HAM10000_metadata.csv"
-    table.write_text("\n".join(rows) + "\n")
-    return images, table
+        dx = classes[(i // 2) % len(classes)]
+        image_id = f"ISIC_{24306 + i:07d}"
+        part = 1 if i < n // 2 else 2
+        save(
+            root / f"HAM10000_images_part_{part}" / f"{image_id}.jpg", tinted(dx, seed=i), "JPEG", quality=95
+        )
+        rows.append(
+            f"HAM_{118 + i // 2:07d},{image_id},{dx},histo,{40 + i % 30}.0,{('male', 'female')[i % 2]},back"
+        )
+    (root / "HAM10000_metadata.csv").write_text("\n".join(rows) + "\n")
+    return root
 
 
-def medmnist_npz(path: Path, sizes: dict[str, int], side: int = 28, rgb: bool = False) -> Path:
-    """A .npz in the MedMNIST layout: {split}_images uint8, {split}_labels (N, 1)."""
+def ham_parts(root: Path) -> list[Path]:
+    return [root / "HAM10000_images_part_1", root / "HAM10000_images_part_2"]
+
+
+def medmnist_npz(
+    path: Path, sizes: dict[str, int], side: int = 28, rgb: bool = False, n_classes: int = 2
+) -> Path:
+    """A .npz in the MedMNIST layout (``pneumoniamnist.npz``: 28 px grayscale (N, 28, 28);
+    ``dermamnist.npz``: RGB (N, 28, 28, 3)): {split}_images uint8, {split}_labels (N, 1) uint8."""
     rng = np.random.default_rng(0)
     arrays = {}
     for split, n in sizes.items():
-        labels = np.arange(n) % 2
+        labels = np.arange(n) % n_classes
         shape = (n, side, side, 3) if rgb else (n, side, side)
         images = rng.integers(0, 60, shape).astype(np.uint8)
-        images[labels == 1] += 150  # class 1 brighter
+        step = 190 // max(n_classes - 1, 1)  # each class brighter than the one before
+        images += (labels * step).astype(np.uint8).reshape(-1, *[1] * (len(shape) - 1))
         arrays[f"{split}_images"] = images
         arrays[f"{split}_labels"] = labels.reshape(-1, 1).astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ COMMANDS = {
         "tlpipe.ops.registry",
         "register the evaluated model as challenger; promote it to champion if it wins",
     ),
+    "recipe": ("tlpipe.ops.recipes", "write a dataset recipe (recipes/NAME.yaml) into params.yaml"),
     "retrain": (
         "tlpipe.ops.retrain",
         "dvc pull, dvc repro, promotion gate, dvc push: the scheduled retraining job",

@@ -55,7 +55,15 @@ SECTIONS = {
     ],
     "data.demo": ["image_size", "images_per_class", "seed"],
     "data.folder": ["path"],
-    "split": ["duplicates", "group_pattern", "seed", "source_splits", "test_fraction", "val_fraction"],
+    "split": [
+        "duplicates",
+        "group_pattern",
+        "seed",
+        "source_split_overlap",
+        "source_splits",
+        "test_fraction",
+        "val_fraction",
+    ],
     "evaluate": [
         "batch_size",
         "bootstrap_resamples",
@@ -186,8 +194,34 @@ def test_several_errors_are_all_reported():
 def test_folder_source_needs_path():
     message = _error({"data": {"source": "folder"}})
     assert "data.folder.path is not set" in message
-    folder = parse_params({"data": {"source": "folder", "folder": {"path": "/some/where"}}})
-    assert folder.data.folder.path == "/some/where"
+    folder = parse_params({"data": {"source": "folder", "folder": {"path": "data/sources/xrays"}}})
+    assert folder.data.folder.path == "data/sources/xrays"
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"source": "folder", "folder": {"path": "/data/chest_xray"}}, "data.folder.path"),
+        ({"source": "folder", "folder": {"path": "../chest_xray"}}, "data.folder.path"),
+        ({"source": "folder", "folder": {"path": "data/sources/../../x"}}, "data.folder.path"),
+        ({"source": "folder", "folder": {"path": "data/sources"}}, "data.folder.path"),
+        ({"source": "folder", "folder": {"path": "data/raw"}}, "data.folder.path"),
+        ({"source": "csv", "csv": {"images": ["data/sources/a", "/tmp/b"], "file": "data/sources/m.csv"}},
+         "data.csv.images"),
+        ({"source": "csv", "csv": {"images": "data/sources/a", "file": "m.csv"}}, "data.csv.file"),
+        ({"source": "medmnist", "medmnist": {"path": "/tmp/pneumoniamnist.npz"}}, "data.medmnist.path"),
+    ],
+)  # fmt: skip
+def test_local_source_outside_data_sources_is_refused_with_the_way_in(data, key):
+    message = _error({"data": data})
+    assert f"{key} is " in message
+    assert "must be a relative path inside data/sources/" in message
+    assert "dvc add" in message and "--out data/sources/" in message
+
+
+def test_paths_of_sources_not_in_use_are_not_checked():
+    params = parse_params({"data": {"source": "demo", "folder": {"path": "/elsewhere"}}})
+    assert params.data.folder.path == "/elsewhere"
 
 
 def test_unknown_source_lists_allowed_values():

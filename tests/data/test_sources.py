@@ -2,24 +2,41 @@
 
 from __future__ import annotations
 
+import builtins
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from source_fixtures import BAD_FILES, ham_fixture, kermany_tree, noise, save, write_bad_files
+from source_fixtures import BAD_FILES, ham_fixture, ham_parts, kermany_tree, noise, save, write_bad_files
 from tlpipe.core.config import CsvParams, DataParams, FolderParams
+from tlpipe.core.constants import SOURCES_DIR
 from tlpipe.core.errors import PipelineError
 from tlpipe.core.files import read_csv, read_json
-from tlpipe.data.sources import candidates_for, download, folder_candidates, ingest
+from tlpipe.data.sources import OUTSIDE_LINK, SEEN_LINK, candidates_for, download, folder_candidates, ingest
+
+
+@pytest.fixture(autouse=True)
+def _repo_root(tmp_path, monkeypatch):
+    # params paths are relative to the repository root, where dvc repro runs every stage
+    monkeypatch.chdir(tmp_path)
+
+
+def _in_sources(tmp_path: Path, name: str) -> Path:
+    return tmp_path / SOURCES_DIR / name
+
+
+def _rel(path: Path) -> str:
+    return Path(path).relative_to(Path.cwd()).as_posix()
 
 
 def _folder_params(root: Path, **kw) -> DataParams:
     # the corpus is half bad files on purpose: lift the share that would fail the stage
     kw.setdefault("max_rejected_fraction", 1.0)
-    return DataParams(source="folder", folder=FolderParams(path=str(root)), **kw)
+    return DataParams(source="folder", folder=FolderParams(path=_rel(root)), **kw)
 
 
 def _sha(path: Path) -> str:
@@ -32,7 +49,7 @@ def _sha(path: Path) -> str:
 @pytest.fixture
 def image_tree(tmp_path) -> Path:
     """Good images in many modes, and every kind of bad file, under cat/ dog/ and bird/."""
-    root = tmp_path / "photos"
+    root = _in_sources(tmp_path, "photos")
     save(root / "cat" / "rgb.jpg", noise(40, 30), "JPEG")
     save(root / "cat" / "gray.png", Image.new("L", (20, 16), 77), "PNG")
     rgba = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
@@ -139,7 +156,7 @@ def test_pillow_pixel_limit_does_not_override_max_image_pixels(image_tree, tmp_p
 
 
 def test_folder_output_names_never_collide(tmp_path):
-    root = tmp_path / "photos"
+    root = _in_sources(tmp_path, "photos")
     save(root / "a" / "x" / "y.png", noise(10, 10, seed=1), "PNG")
     save(root / "a" / "x__y.png", noise(10, 10, seed=2), "PNG")
     save(root / "b" / "z.png", noise(10, 10, seed=3), "PNG")
@@ -159,7 +176,7 @@ def test_configured_class_without_images_is_an_error(image_tree, tmp_path):
 
 
 def test_no_usable_images_is_an_error_and_keeps_old_output(tmp_path):
-    root = tmp_path / "photos"
+    root = _in_sources(tmp_path, "photos")
     (root / "cat").mkdir(parents=True)
     (root / "cat" / "broken.png").write_bytes(b"nope")
     out = tmp_path / "raw"
@@ -176,17 +193,18 @@ def test_no_usable_images_is_an_error_and_keeps_old_output(tmp_path):
     [("missing", "is not a folder"), ("files-only", "has no class subfolders"), ("file", "is not a folder")],
 )
 def test_unusable_folder_path_is_a_pipeline_error(tmp_path, layout, hint):
-    root = tmp_path / "photos"
+    root = _in_sources(tmp_path, "photos")
     if layout == "files-only":
-        root.mkdir()
+        root.mkdir(parents=True)
         save(root / "loose.png", noise(10, 10), "PNG")
         (root / ".hidden").mkdir()
     elif layout == "file":
+        root.parent.mkdir(parents=True)
         root.write_text("not a folder")
     params = _folder_params(root)
     with pytest.raises(PipelineError, match=hint) as info:
         candidates_for(params)  # fails at once, before the stage starts writing anything
-    assert str(root) in str(info.value)
+    assert _rel(root) in str(info.value)
     assert "data.folder.path" in str(info.value)
     with pytest.raises(PipelineError, match=hint):
         download(params, tmp_path / "raw")
@@ -210,7 +228,7 @@ def test_too_many_rejects_fail_the_stage_with_reasons_and_write_nothing(image_tr
 
 
 def test_folder_with_split_subfolders_keeps_each_images_split(tmp_path):
-    root = kermany_tree(tmp_path / "chest_xray", {"train": 4, "val": 2, "test": 3})
+    root = kermany_tree(_in_sources(tmp_path, "chest_xray"), {"train": 4, "val": 2, "test": 3})
     download(_folder_params(root), tmp_path / "raw")
     rows = read_csv(tmp_path / "raw" / "manifest.csv")
     assert read_json(tmp_path / "raw" / "classes.json") == ["NORMAL", "PNEUMONIA"]
@@ -221,55 +239,119 @@ def test_folder_with_split_subfolders_keeps_each_images_split(tmp_path):
 
 
 def test_folder_mixing_split_and_class_folders_is_an_error(tmp_path):
-    root = kermany_tree(tmp_path / "mixed", {"train": 1})
+    root = kermany_tree(_in_sources(tmp_path, "mixed"), {"train": 1})
     save(root / "NORMAL" / "x.png", noise(20, 20), "PNG")
     with pytest.raises(PipelineError, match="mixes split folders"):
         download(_folder_params(root), tmp_path / "raw")
 
 
+def test_link_leading_outside_the_source_is_quarantined_and_never_opened(tmp_path, monkeypatch):
+    root = _in_sources(tmp_path, "photos")
+    for label in ("cat", "dog"):
+        for i in range(3):
+            save(root / label / f"{label}{i}.png", noise(20, 20, seed=i + 10 * len(label)), "PNG")
+    secret = tmp_path / "secret.png"  # a readable image, so opening it would succeed
+    save(secret, noise(20, 20, seed=99), "PNG")
+    save(tmp_path / "elsewhere" / "more.png", noise(20, 20, seed=98), "PNG")
+    (root / "cat" / "passwd.png").symlink_to(secret)
+    (root / "dog" / "etc").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (root / "dog" / "chained.png").symlink_to(root / "cat" / "passwd.png")  # inside, then out
+    opened: list[Path] = []
+    real_open = builtins.open
+
+    def spy(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)):
+            opened.append(Path(file).resolve())
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    summary = download(_folder_params(root), tmp_path / "raw")
+    monkeypatch.undo()
+    quarantined = {r["path"]: r["reason"] for r in read_csv(tmp_path / "raw" / "quarantine.csv")}
+    assert quarantined == dict.fromkeys(["cat/passwd.png", "dog/chained.png", "dog/etc"], OUTSIDE_LINK)
+    assert summary.kept == 6
+    assert secret.resolve() not in opened and (tmp_path / "elsewhere" / "more.png") not in opened
+    assert (root / "cat" / "cat0.png").resolve() in opened  # the spy does see what is read
+
+
+def test_links_inside_the_source_are_followed_once_without_looping(tmp_path):
+    root = _in_sources(tmp_path, "photos")
+    for label in ("cat", "dog"):
+        for i in range(2):
+            save(root / label / f"{label}{i}.png", noise(20, 20, seed=i + 10 * len(label)), "PNG")
+    (root / "dog" / "alias.png").symlink_to(root / "cat" / "cat0.png")
+    (root / "cat" / "loop").symlink_to(root / "cat", target_is_directory=True)
+    download(_folder_params(root), tmp_path / "raw")
+    kept = {r["source"]: r for r in read_csv(tmp_path / "raw" / "manifest.csv")}
+    assert set(kept) == {"cat/cat0.png", "cat/cat1.png", "dog/alias.png", "dog/dog0.png", "dog/dog1.png"}
+    assert kept["dog/alias.png"]["sha256"] == kept["cat/cat0.png"]["sha256"]  # read through the link
+    quarantined = {r["path"]: r["reason"] for r in read_csv(tmp_path / "raw" / "quarantine.csv")}
+    assert quarantined == {"cat/loop": SEEN_LINK}
+
+
 # ----------------------------------------------------------------- csv source
 
 
-def ham_with_bad_rows(tmp_path: Path) -> tuple[Path, Path]:
-    images, table = ham_fixture(tmp_path)
-    with open(table, "a") as fh:
-        fh.write("HAM_9999999,ISIC_missing,nv,histo\n")  # listed, but no file
-        fh.write("HAM_9999998,../outside,nv,histo\n")  # climbs out of the image folder
-        fh.write("HAM_9999997,ISIC_0000000,,histo\n")  # no label
-    (tmp_path / "outside.jpg").write_bytes((images / "ISIC_0000001.jpg").read_bytes())
-    return images, table
+def ham_with_bad_rows(tmp_path: Path) -> Path:
+    root = ham_fixture(_in_sources(tmp_path, "ham10000"))
+    part_1 = ham_parts(root)[0]
+    with open(root / "HAM10000_metadata.csv", "a") as fh:
+        fh.write("HAM_9999999,ISIC_missing,nv,histo,50.0,male,back\n")  # listed, but no file
+        fh.write("HAM_9999998,../outside,nv,histo,50.0,male,back\n")  # climbs out of the image folder
+        fh.write("HAM_9999997,ISIC_0024306,,histo,50.0,male,back\n")  # no label
+    (part_1 / "outside.jpg").write_bytes((part_1 / "ISIC_0024307.jpg").read_bytes())
+    return root
 
 
-def _csv_params(images: Path, table: Path, **kw) -> DataParams:
-    csv = CsvParams(images=str(images), file=str(table), extension=".jpg", group_column="lesion_id", **kw)
+def _csv_params(root: Path, **kw) -> DataParams:
+    csv = CsvParams(
+        images=[_rel(p) for p in ham_parts(root)],
+        file=_rel(root / "HAM10000_metadata.csv"),
+        extension=".jpg",
+        group_column="lesion_id",
+        **kw,
+    )
     return DataParams(source="csv", csv=csv, max_rejected_fraction=0.5)
 
 
-def test_csv_source_reads_labels_and_groups_and_quarantines_bad_rows(tmp_path):
-    images, table = ham_with_bad_rows(tmp_path)
-    summary = download(_csv_params(images, table), tmp_path / "raw")
+def test_csv_source_reads_ham10000_with_its_two_image_folders_and_quarantines_bad_rows(tmp_path):
+    root = ham_with_bad_rows(tmp_path)
+    summary = download(_csv_params(root), tmp_path / "raw")
     rows = read_csv(tmp_path / "raw" / "manifest.csv")
     assert summary.classes == ["bkl", "mel", "nv"]
-    assert len(rows) == 12
+    assert len(rows) == 12  # six from each part folder
     by_source = {r["source"]: r for r in rows}
-    assert by_source["ISIC_0000004.jpg"]["label"] == "mel"
-    assert by_source["ISIC_0000004.jpg"]["group"] == "HAM_0000002"
+    assert by_source["ISIC_0024308.jpg"]["label"] == "mel"
+    assert by_source["ISIC_0024308.jpg"]["group"] == "HAM_0000119"
+    assert by_source["ISIC_0024317.jpg"]["group"] == "HAM_0000123"  # from part 2
     assert all(r["split"] == "" for r in rows)
     quarantined = {r["path"]: r["reason"] for r in read_csv(tmp_path / "raw" / "quarantine.csv")}
     assert quarantined == {
         "ISIC_missing.jpg": "listed in the CSV but no such file",
         "../outside.jpg": "path outside data.csv.images: ../outside.jpg",
-        "ISIC_0000000.jpg": "empty label",
+        "ISIC_0024306.jpg": "empty label",
+    }
+
+
+def test_csv_image_in_two_of_the_image_folders_is_rejected_as_ambiguous(tmp_path):
+    root = ham_fixture(_in_sources(tmp_path, "ham10000"))
+    part_1, part_2 = ham_parts(root)
+    (part_2 / "ISIC_0024306.jpg").write_bytes((part_1 / "ISIC_0024306.jpg").read_bytes())
+    download(_csv_params(root), tmp_path / "raw")
+    quarantined = {r["path"]: r["reason"] for r in read_csv(tmp_path / "raw" / "quarantine.csv")}
+    assert quarantined == {
+        "ISIC_0024306.jpg": "in more than one of data.csv.images (HAM10000_images_part_1, HAM10000_images_part_2)"
     }
 
 
 def test_csv_split_column_is_carried(tmp_path):
-    images, table = ham_fixture(tmp_path)
+    root = ham_fixture(_in_sources(tmp_path, "ham10000"))
+    table = root / "HAM10000_metadata.csv"
     lines = table.read_text().splitlines()
     split_of = ["train", "val", "test"]
     lines = [lines[0] + ",split"] + [f"{line},{split_of[i % 3]}" for i, line in enumerate(lines[1:])]
     table.write_text("\n".join(lines) + "\n")
-    download(_csv_params(images, table, split_column="split"), tmp_path / "raw")
+    download(_csv_params(root, split_column="split"), tmp_path / "raw")
     rows = read_csv(tmp_path / "raw" / "manifest.csv")
     assert {r["split"] for r in rows} == {"train", "val", "test"}
 
@@ -282,16 +364,15 @@ def test_csv_split_column_is_carried(tmp_path):
     ],
 )
 def test_csv_missing_column_names_the_key_and_the_columns(tmp_path, override, message):
-    images, table = ham_fixture(tmp_path)
-    params = _csv_params(images, table)
+    params = _csv_params(ham_fixture(_in_sources(tmp_path, "ham10000")))
     params = params.model_copy(update={"csv": params.csv.model_copy(update=override)})
     with pytest.raises(PipelineError, match=message) as err:
         download(params, tmp_path / "raw")
-    assert "lesion_id, image_id, dx, dx_type" in str(err.value)
+    assert "lesion_id, image_id, dx, dx_type, age, sex, localization" in str(err.value)
 
 
 def test_unreadable_file_is_quarantined_not_fatal(tmp_path, monkeypatch):
-    root = tmp_path / "photos"
+    root = _in_sources(tmp_path, "photos")
     for name in ("a.png", "locked.png"):
         save(root / "cat" / name, noise(20, 20), "PNG")
         save(root / "dog" / name, noise(20, 20, seed=1), "PNG")

@@ -293,6 +293,68 @@ def test_a_group_the_source_puts_in_train_and_test_is_an_error_naming_it(mode):
         plan_splits(rows, SplitParams(source_splits=mode))
 
 
+def _kermany_real_names() -> list[dict]:
+    """Official train/test of the real set's three name forms; person7 sits in both, as 170 do."""
+    names = {
+        "train": ["person7_bacteria_30.jpeg", "person7_virus_31.jpeg", "person8_virus_32.jpeg",
+                  "person9_bacteria_33.jpeg", "person10_bacteria_34.jpeg", "person11_virus_35.jpeg",
+                  "IM-0115-0001.jpeg", "IM-0115-0001-0002.jpeg", "NORMAL2-IM-0012-0001.jpeg",
+                  "IM-0117-0001.jpeg", "NORMAL2-IM-0013-0001.jpeg", "IM-0119-0001.jpeg"],
+        "test": ["person7_bacteria_40.jpeg", "person1_virus_6.jpeg", "person2_bacteria_7.jpeg",
+                 "IM-0001-0001.jpeg", "NORMAL2-IM-0105-0001.jpeg", "IM-0003-0001.jpeg"],
+    }  # fmt: skip
+    rows = []
+    for split, files in names.items():
+        for name in files:
+            label = "NORMAL" if "IM-" in name else "PNEUMONIA"
+            rows.append(manifest_row(len(rows), label, source=f"{split}/{label}/{name}", split=split))
+    return rows
+
+
+KERMANY_ALL_FORMS = r"^((?:NORMAL2-)?IM-\d+|person\d+)[-_]"  # recipes/kermany.yaml
+
+
+def test_kermany_recipe_pattern_groups_all_three_name_forms():
+    rows = _kermany_real_names()
+    params = SplitParams(
+        group_pattern=KERMANY_ALL_FORMS,
+        source_splits="resplit_train_val",
+        source_split_overlap="warn",
+        val_fraction=0.35,
+    )
+    plan = plan_splits(rows, params)
+    group_of = {r["source"].rsplit("/", 1)[1]: g for r, g in zip(rows, plan.groups, strict=True)}
+    assert group_of["IM-0115-0001.jpeg"] == group_of["IM-0115-0001-0002.jpeg"] == "IM-0115"
+    assert group_of["NORMAL2-IM-0012-0001.jpeg"] == "NORMAL2-IM-0012"  # its own series, not IM-0012
+    assert group_of["person7_bacteria_30.jpeg"] == group_of["person7_virus_31.jpeg"] == "person7"
+    assert group_of["person10_bacteria_34.jpeg"] == "person10"  # not person1
+
+
+def test_official_test_split_sharing_a_patient_is_an_error_unless_overlap_is_allowed():
+    rows = _kermany_real_names()
+    params = SplitParams(
+        group_pattern=KERMANY_ALL_FORMS, source_splits="resplit_train_val", seed=3, val_fraction=0.35
+    )
+    with pytest.raises(
+        PipelineError, match=r"1 group\(s\).*'person7' \(train\+val and test\).*overlap: warn"
+    ):
+        plan_splits(rows, params)
+    plan = plan_splits(rows, params.model_copy(update={"source_split_overlap": "warn"}))
+    assert plan.overlap == {"person7": ["train+val", "test"]}
+    assert [s for r, s in zip(rows, plan.splits, strict=True) if r["split"] == "test"] == ["test"] * 6
+    # the rest of the pool is still drawn by group: no other patient crosses val and train
+    pool = [(g, s) for r, g, s in zip(rows, plan.groups, plan.splits, strict=True) if r["split"] == "train"]
+    assert _crossing([g for g, _ in pool], [s for _, s in pool]) == set()
+
+
+def test_no_overlap_is_recorded_when_the_source_splits_share_no_group():
+    rows = [r for r in _kermany_real_names() if r["source"] != "test/PNEUMONIA/person7_bacteria_40.jpeg"]
+    params = SplitParams(
+        group_pattern=KERMANY_ALL_FORMS, source_splits="resplit_train_val", seed=3, val_fraction=0.35
+    )
+    assert plan_splits(rows, params).overlap == {}
+
+
 @pytest.mark.parametrize(
     ("splits", "message"),
     [
@@ -326,7 +388,7 @@ def test_bad_source_split_columns_are_errors(splits, message):
         (
             [*kermany_rows(), manifest_row(999, "normal", source="normal/IM-0117-0001.jpeg")],
             SplitParams(group_pattern=KERMANY),
-            r"'\^person\(\\d\+\)_' finds no group in 1 of \d+ file names, e\.g\. \['IM-0117-0001\.jpeg'\]",
+            r"'\^person\(\\d\+\)_' finds no group in 1 of \d+ file names \(1 like IM-0117-0001\.jpeg\)",
         ),
     ],
     ids=["one-class", "two-groups", "unmatched-pattern"],

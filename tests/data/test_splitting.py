@@ -137,8 +137,14 @@ def test_split_summary_says_when_source_splits_were_kept(tmp_path):
         "used": True,
         "mode": "keep",
         "note": "the source's own train/val/test kept as given; val_fraction, test_fraction and seed unused",
+        "overlap": {"groups": 0, "images": 0, "test_images": 0, "examples": {}},
     }
-    assert summary["params"] == {"group_pattern": None, "duplicates": "keep_one", "source_splits": "keep"}
+    assert summary["params"] == {
+        "group_pattern": None,
+        "duplicates": "keep_one",
+        "source_splits": "keep",
+        "source_split_overlap": "error",
+    }
     assert summary["imbalance_ratio"] == 2.0
     assert summary["n_groups"] == {"total": 22, "train": 12, "val": 4, "test": 6}  # each image its own
 
@@ -173,3 +179,28 @@ def test_split_dataset_without_raw_data_says_what_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the stage that produces it"):
         split_dataset(tmp_path / "raw", SplitParams(), tmp_path / "split", tmp_path / "summary.json")
     assert not (tmp_path / "split").exists()
+
+
+def test_overlap_kept_under_warn_is_counted_in_the_summary_and_logged(tmp_path, caplog):
+    rows = given_rows({"train": {"a": 8, "b": 4}, "val": {"a": 2, "b": 2}, "test": {"a": 3, "b": 3}})
+    for k, r in enumerate(rows):
+        r["group"] = f"p{k}"
+    test_rows = [r for r in rows if r["split"] == "test"]
+    for shared, r in zip(("p0", "p1"), test_rows[:2], strict=True):
+        r["group"] = shared  # two train patients also in test, one image each there
+    raw = tmp_path / "raw"
+    write_csv(raw / "manifest.csv", rows, list(rows[0]))
+    write_json(raw / "classes.json", ["a", "b"])
+    with pytest.raises(PipelineError, match="2 group"):
+        split_dataset(raw, SplitParams(), tmp_path / "split", tmp_path / "summary.json")
+    summary = split_dataset(
+        raw, SplitParams(source_split_overlap="warn"), tmp_path / "split", tmp_path / "summary.json"
+    )
+    assert summary["source_splits"]["overlap"] == {
+        "groups": 2,
+        "images": 4,
+        "test_images": 2,
+        "examples": {"p0": ["train", "test"], "p1": ["train", "test"]},
+    }
+    assert read_json(tmp_path / "summary.json")["source_splits"]["overlap"]["groups"] == 2
+    assert "share 2 group(s)" in caplog.text and "may be optimistic" in caplog.text

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from tlpipe.core.constants import SOURCES_DIR
 from tlpipe.core.errors import PipelineError
 from tlpipe.core.schema import Section, format_errors
 
@@ -38,7 +39,9 @@ class FolderParams(Section):
 
 
 class CsvParams(Section):
-    images: str | None = None  # folder the CSV's paths are relative to
+    # folder the CSV's paths are relative to, or a list of them searched in order (HAM10000 ships
+    # its images in two folders); a path found in more than one is rejected as ambiguous
+    images: str | list[str] | None = None
     file: str | None = None  # the CSV of labels
     path_column: str = "image_id"
     label_column: str = "dx"
@@ -76,6 +79,16 @@ class DataParams(Section):
     medmnist: MedmnistParams = MedmnistParams()
     url: UrlParams = UrlParams()
 
+    def local_inputs(self) -> list[tuple[str, str]]:
+        """(key, path) of every local file or folder the configured source reads."""
+        images = self.csv.images if isinstance(self.csv.images, list) else [self.csv.images]
+        inputs = {
+            "folder": [("folder.path", self.folder.path)],
+            "csv": [*(("csv.images", p) for p in images), ("csv.file", self.csv.file)],
+            "medmnist": [("medmnist.path", self.medmnist.path)],
+        }
+        return [(key, path) for key, path in inputs.get(self.source, []) if path]
+
     @model_validator(mode="after")
     def _source_is_configured(self) -> DataParams:
         required = {
@@ -87,6 +100,8 @@ class DataParams(Section):
         for key, value in required.get(self.source, []):
             if not value:
                 raise ValueError(f"data.source is '{self.source}' but data.{key} is not set")
+        for key, path in self.local_inputs():
+            _check_versioned(f"data.{key}", path)
         if self.url.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.url.sha256):
             raise ValueError(f"data.url.sha256 must be 64 hex digits, got {self.url.sha256!r}")
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
@@ -94,6 +109,22 @@ class DataParams(Section):
         if self.classes is not None and len(self.classes) < 2:
             raise ValueError(f"data.classes needs at least 2 classes (or null for all), got {self.classes}")
         return self
+
+
+def _check_versioned(key: str, path: str) -> None:
+    """A local input must sit under SOURCES_DIR, the folder the download stage declares to DVC.
+
+    Anywhere else DVC cannot see it change, and results would describe data that no
+    longer exists; the URL and MedMNIST-by-name sources are pinned by their hashes instead.
+    """
+    parts = Path(path).parts
+    if Path(path).is_absolute() or ".." in parts or Path(*parts[:2]) != Path(SOURCES_DIR) or len(parts) < 3:
+        name = Path(path).name or "dataset"
+        raise ValueError(
+            f"{key} is {path!r}: a local source must be a relative path inside {SOURCES_DIR}/, the folder "
+            f"the download stage declares to DVC, so that any change to it reruns the pipeline. Bring it "
+            f"in with: dvc add {path} --out {SOURCES_DIR}/{name}  (then set {key}: {SOURCES_DIR}/{name})"
+        )
 
 
 class SplitParams(Section):
@@ -109,6 +140,9 @@ class SplitParams(Section):
     duplicates: Literal["keep_one", "keep_first_split"] = "keep_first_split"
     # when the source brings its own splits: keep them as given, or re-split train+val (test kept)
     source_splits: Literal["keep", "resplit_train_val"] = "keep"
+    # a group (patient) the source itself puts in two splits: error stops the stage; warn keeps the
+    # source's splits as given (e.g. an official test split) and counts the overlap in the summary
+    source_split_overlap: Literal["error", "warn"] = "error"
 
     @field_validator("group_pattern")
     @classmethod

@@ -10,6 +10,10 @@ from __future__ import annotations
 TRAIN, VAL, TEST = "train", "val", "test"
 SPLITS = (TRAIN, VAL, TEST)
 
+# where a user's own data lives, each dataset tracked by DVC (`dvc add`): the download stage
+# declares this folder as a dependency, so a change to any input reruns it
+SOURCES_DIR = "data/sources"
+
 # MLflow tags on stage runs (core.tracking)
 STAGE_TAG = "tlpipe.stage"
 ROLE_TAG = "tlpipe.role"  # "pipeline" on the parent run of one dvc repro

@@ -1,8 +1,11 @@
-"""Image files in and out: decoding an input safely, encoding PNG bytes and data URIs.
+"""Image files in and out: opening and decoding an input safely, encoding PNG bytes and data URIs.
 
 Every stage and tool that reads a user's image (download, ``tlpipe predict``, the
-served model) decodes it here, so they accept and reject the same files for the
-same reasons; every PNG the pipeline writes or embeds is encoded here.
+served model) opens it with :func:`open_image_path` or :func:`open_image_bytes`
+and decodes it with :func:`decode_image`, so they accept and reject the same files
+for the same reasons; every PNG the pipeline writes or embeds is encoded here.
+DICOM files are recognised by their content (or a ``.dcm`` name) and read by
+:mod:`tlpipe.core.dicom`; anything else is Pillow's.
 """
 
 from __future__ import annotations
@@ -13,16 +16,27 @@ import re
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+from tlpipe.core.dicom import DICOM_EXTENSIONS, DICOM_FORMAT, HEAD_BYTES, UnusableDicom, is_dicom, read_dicom
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", *DICOM_EXTENSIONS}
+
+# decode_image's pixel limit, for the DICOM reader an opener calls: it must refuse a
+# large image from its header, and openers take no arguments (None: Pillow's own limit)
+_max_pixels: ContextVar[int | None] = ContextVar("tlpipe_max_pixels", default=None)
 
 
 class Rejected(Exception):
     """An input that cannot enter the manifest; the message is the reason."""
+
+
+class DicomRejected(Rejected):
+    """A DICOM file (by its content or ``.dcm`` name) that cannot be used; its reason beats its extension."""
 
 
 def decode_image(
@@ -31,17 +45,17 @@ def decode_image(
     """Decode fully, apply EXIF orientation and convert to ``mode`` (RGB or L), or raise Rejected.
 
     ``source`` is the file's name (its extension is checked; empty for uploaded bytes),
-    ``open_image`` opens it lazily and may raise on a broken file.
+    ``open_image`` opens it lazily and may raise on a broken file. A file with no
+    image's extension is still read when it is DICOM by its content (``scan``, ``x.IMA``).
     """
     suffix = Path(source).suffix.lower()
-    if suffix and suffix not in IMAGE_EXTENSIONS and not source.startswith("demo/"):
-        raise Rejected(f"not an image extension ({suffix})")
+    odd_suffix = bool(suffix) and suffix not in IMAGE_EXTENSIONS and not source.startswith("demo/")
     try:
-        with warnings.catch_warnings(), _pillow_pixel_limit(None):
+        with warnings.catch_warnings(), _pillow_pixel_limit(None), _header_pixel_limit(max_pixels):
             # data.max_image_pixels is the limit, checked below from the header before any
             # decoding; Pillow's own (fixed, ~89 Mpx) limit would otherwise override it
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = open_image()
+            img = _open_checking_suffix(open_image, suffix) if odd_suffix else open_image()
             width, height = img.size
             if width * height > max_pixels:
                 raise Rejected(f"too many pixels ({width}x{height} > {max_pixels})")
@@ -68,6 +82,24 @@ def decode_image(
     return img.convert(mode)
 
 
+def _open_checking_suffix(open_image: Callable[[], Image.Image], suffix: str) -> Image.Image:
+    """Open a file whose extension is no image's: only DICOM (``scan``, ``x.IMA``) is read.
+
+    A DICOM file's own reason (multi-frame, ...) says more than its extension; for
+    anything else the extension is the reason, as it was before the file was opened.
+    """
+    try:
+        img = open_image()
+    except DicomRejected:
+        raise
+    except Exception:
+        raise Rejected(f"not an image extension ({suffix})") from None
+    if img.format != DICOM_FORMAT:
+        img.close()
+        raise Rejected(f"not an image extension ({suffix})")
+    return img
+
+
 @contextmanager
 def _pillow_pixel_limit(limit: int | None) -> Iterator[None]:
     saved = Image.MAX_IMAGE_PIXELS
@@ -76,6 +108,73 @@ def _pillow_pixel_limit(limit: int | None) -> Iterator[None]:
         yield
     finally:
         Image.MAX_IMAGE_PIXELS = saved
+
+
+@contextmanager
+def _header_pixel_limit(limit: int) -> Iterator[None]:
+    token = _max_pixels.set(limit)
+    try:
+        yield
+    finally:
+        _max_pixels.reset(token)
+
+
+# ------------------------------------------------------------------- openers
+
+
+def open_image_path(path: Path) -> Image.Image:
+    """Open an image file for :func:`decode_image`: DICOM (by content or ``.dcm``) or Pillow's.
+
+    DICOM is decoded at once (to 8 bits, see :mod:`tlpipe.core.dicom`), after its
+    header passed decode_image's pixel limit; Pillow's images open lazily. Pillow's
+    errors are left to decode_image; a DICOM file's raise :class:`DicomRejected`.
+    """
+    path = Path(path)
+    with open(path, "rb") as fh:
+        head = fh.read(HEAD_BYTES)
+    if is_dicom(head) or path.suffix.lower() in DICOM_EXTENSIONS:
+        return _read_dicom(path, marked=is_dicom(head))
+    return Image.open(path)
+
+
+def open_source_file(path: Path) -> Image.Image:
+    """:func:`open_image_path` for the download stage, with a specific reason for the usual failures."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise Rejected("empty file (0 bytes)")
+        return open_image_path(path)
+    except PermissionError:
+        raise Rejected("unreadable file (permission denied)") from None
+    except Image.UnidentifiedImageError:
+        raise Rejected("not an image (unrecognised format)") from None
+
+
+class _Upload(io.BytesIO):
+    # Pillow's errors quote the file's repr; a quoted one is stripped by decode_image like a
+    # path, so bytes and files give the same reason (no memory address in it)
+    def __repr__(self) -> str:
+        return "'upload'"
+
+
+def open_image_bytes(data: bytes) -> Image.Image:
+    """An uploaded file's bytes opened like :func:`open_image_path` opens a file (DICOM by content)."""
+    if is_dicom(data[:HEAD_BYTES]):
+        return _read_dicom(data, marked=True)
+    return Image.open(_Upload(data))
+
+
+def _read_dicom(source: Path | bytes, marked: bool) -> Image.Image:
+    limit = _max_pixels.get()
+    if limit is None and Image.MAX_IMAGE_PIXELS is not None:
+        limit = 2 * Image.MAX_IMAGE_PIXELS  # where Pillow itself refuses an image, outside decode_image
+    try:
+        return read_dicom(source, max_pixels=limit, force=not marked)
+    except UnusableDicom as err:
+        raise DicomRejected(str(err)) from None
+
+
+# ------------------------------------------------------------------- encoding
 
 
 def png_bytes(image: Image.Image | np.ndarray) -> bytes:

@@ -7,14 +7,13 @@ so a file gets the same probabilities whichever way it is classified.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from tlpipe.core.images import Rejected, decode_image
+from tlpipe.core.images import Rejected, decode_image, open_image_bytes, open_image_path
 from tlpipe.data.augmentation import resize_transform
 
 MAX_PIXELS = 50_000_000  # larger images are refused from their header, before decoding
@@ -31,19 +30,12 @@ def decode_pixels(open_image: Callable[[], Image.Image], size: int, source: str 
 
 
 def load_pixels(path: Path, size: int) -> np.ndarray:
-    """An image file's pixels, preprocessed as in training; raises Rejected with the reason."""
+    """An image file's pixels (DICOM included), preprocessed as in training; raises Rejected."""
     if not path.is_file():
         raise Rejected("no such file")
-    return decode_pixels(lambda: Image.open(path), size, str(path))
-
-
-class _Upload(io.BytesIO):
-    # Pillow's errors quote the file's repr; a quoted one is stripped by decode_image like a
-    # path, so bytes and files give the same reason (no memory address in it)
-    def __repr__(self) -> str:
-        return "'upload'"
+    return decode_pixels(lambda: open_image_path(path), size, str(path))
 
 
 def bytes_pixels(data: bytes, size: int) -> np.ndarray:
-    """An image file's bytes (PNG, JPEG, ...), preprocessed as in training; raises Rejected."""
-    return decode_pixels(lambda: Image.open(_Upload(data)), size)
+    """An image file's bytes (PNG, JPEG, DICOM, ...), preprocessed as in training; raises Rejected."""
+    return decode_pixels(lambda: open_image_bytes(data), size)

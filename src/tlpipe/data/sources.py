@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import tempfile
 import urllib.parse
 from collections import Counter
@@ -96,26 +97,67 @@ def _split_folder_files(root: Path, split_dirs: list[tuple[str, Path]]) -> Itera
 
 
 def _folder_files(root: Path, class_dirs: list[Path], split: str) -> Iterator[Candidate]:
+    real_root = root.resolve()
+    seen: set[Path] = set()
     for class_dir in class_dirs:
-        for path in sorted(class_dir.rglob("*")):
-            if path.is_file() and not path.name.startswith("."):
-                yield Candidate(
-                    source=path.relative_to(root).as_posix(),
-                    label=class_dir.name,
-                    open=partial(open_image_file, path),
-                    split=split,
-                )
+        for path, refused in _walk(class_dir, real_root, seen):
+            yield Candidate(
+                source=path.relative_to(root).as_posix(),
+                label=class_dir.name,
+                open=partial(_refuse, refused) if refused else partial(open_image_file, path),
+                split=split,
+            )
+
+
+OUTSIDE_LINK = "symbolic link to a path outside the source folder (not opened)"
+SEEN_LINK = "symbolic link to a folder already read (a loop, or a second way to the same images)"
+
+
+def _walk(folder: Path, real_root: Path, seen: set[Path]) -> Iterator[tuple[Path, str]]:
+    """Every file below ``folder`` in name order, with the reason it is refused ("" if it is not).
+
+    Symbolic links are followed only where they resolve inside the source root, and each
+    real folder is read once, so a link cannot make the stage read a file outside the
+    data DVC versions (``/etc/passwd``) or walk in a circle.
+    """
+    real = folder.resolve()
+    if not real.is_relative_to(real_root):
+        yield folder, OUTSIDE_LINK
+        return
+    if real in seen:
+        yield folder, SEEN_LINK
+        return
+    seen.add(real)
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_symlink() and not entry.resolve().is_relative_to(real_root):
+            yield entry, OUTSIDE_LINK
+        elif entry.is_dir():
+            yield from _walk(entry, real_root, seen)
+        elif entry.is_file():
+            yield entry, ""
+        elif entry.is_symlink():
+            yield entry, "broken symbolic link"
+
+
+def _refuse(reason: str) -> Image.Image:
+    raise Rejected(reason)
 
 
 # ----------------------------------------------------------------- csv source
 
 
 def csv_candidates(params: CsvParams) -> Iterator[Candidate]:
-    """An image folder plus a CSV of labels, with configurable column names."""
-    images = Path(_required(params.images, "data.csv.images"))
+    """Image folders plus a CSV of labels, with configurable column names."""
+    listed = (
+        params.images if isinstance(params.images, list) else [_required(params.images, "data.csv.images")]
+    )
+    folders = [Path(p) for p in listed]
     table = Path(_required(params.file, "data.csv.file"))
-    if not images.is_dir():
-        raise PipelineError(f"data.csv.images: {images} is not a folder")
+    for folder in folders:
+        if not folder.is_dir():
+            raise PipelineError(f"data.csv.images: {folder} is not a folder")
     if not table.is_file():
         raise PipelineError(f"data.csv.file: {table} not found")
     with open(table, newline="", encoding="utf-8-sig") as fh:
@@ -133,41 +175,48 @@ def csv_candidates(params: CsvParams) -> Iterator[Candidate]:
             raise PipelineError(
                 f"data.csv.{key}: column {column!r} not in {table} (columns: {', '.join(columns)})"
             )
-    return (_csv_candidate(images, row, params) for row in rows)
+    return (_csv_candidate(folders, row, params) for row in rows)
 
 
-def _csv_candidate(images: Path, row: dict[str, str], params: CsvParams) -> Candidate:
+def _csv_candidate(folders: list[Path], row: dict[str, str], params: CsvParams) -> Candidate:
     rel = (row[params.path_column] or "").strip() + params.extension
     split = (row[params.split_column] or "").strip().lower() if params.split_column else ""
     return Candidate(
         source=rel,
         label=(row[params.label_column] or "").strip(),
-        open=lambda: _open_inside(images, rel),
+        open=partial(_open_listed, folders, rel),
         split=SPLIT_FOLDER_NAMES.get(split, split),
         group=(row[params.group_column] or "").strip() if params.group_column else "",
     )
 
 
-def _open_inside(root: Path, rel: str) -> Image.Image:
-    """Open ``root/rel``, refusing paths that climb out of ``root``."""
-    path = (root / rel).resolve()
-    if Path(rel).is_absolute() or not path.is_relative_to(root.resolve()):
+def _open_listed(folders: list[Path], rel: str) -> Image.Image:
+    """The one image folder holding ``rel``, opened; none or several is a reason to reject."""
+    if Path(rel).is_absolute() or ".." in Path(rel).parts:
         raise Rejected(f"path outside data.csv.images: {rel}")
+    holding = [folder for folder in folders if os.path.lexists(folder / rel)]
+    if len(holding) > 1:
+        raise Rejected(f"in more than one of data.csv.images ({', '.join(f.name for f in holding)})")
+    if not holding:
+        raise Rejected("listed in the CSV but no such file")
+    return _open_inside(holding[0], rel)
+
+
+def _open_inside(root: Path, rel: str) -> Image.Image:
+    """Open ``root/rel``, refusing a link that leads out of ``root`` without opening it."""
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise Rejected(OUTSIDE_LINK)
     if not path.is_file():
         raise Rejected("listed in the CSV but no such file")
     return open_image_file(path)
 
 
 def open_image_file(path: Path) -> Image.Image:
-    """Open a file as an image, turning the usual failures into specific reasons."""
-    try:
-        if path.stat().st_size == 0:
-            raise Rejected("empty file (0 bytes)")
-        return Image.open(path)
-    except PermissionError:
-        raise Rejected("unreadable file (permission denied)") from None
-    except Image.UnidentifiedImageError:
-        raise Rejected("not an image (unrecognised format)") from None
+    """Open a file as an image (DICOM included), turning the usual failures into specific reasons."""
+    from tlpipe.core.images import open_source_file
+
+    return open_source_file(path)
 
 
 # ------------------------------------------------------- medmnist and url sources

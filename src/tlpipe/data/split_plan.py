@@ -8,7 +8,8 @@ dealt with before a row is placed:
 * exact duplicates (equal sha256 of the decoded pixels) never sit in two splits
   (``split.duplicates``), and copies that disagree on the label are dropped;
 * a source that brings its own splits is kept as given (or its train+val re-split),
-  and a group the source itself puts in two splits is an error.
+  and a group the source itself puts in two splits is an error, unless
+  ``split.source_split_overlap: warn`` keeps them as given and counts the overlap.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tlpipe.core.config import SplitParams
 from tlpipe.core.constants import SPLITS
@@ -40,6 +41,9 @@ class SplitPlan:
     conflicts: list[list[int]]  # the duplicate sets whose copies disagree on the label
     grouped_by: str  # "group_pattern", "group_column" or "none"
     source_splits: str | None  # the mode applied to the source's own splits, None when it brings none
+    # groups the source itself puts in more than one split (kept as given under
+    # split.source_split_overlap: warn): group id -> the splits it sits in
+    overlap: dict[str, list[str]] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------ reading the manifest
@@ -65,11 +69,21 @@ def group_ids(rows: Sequence[Mapping[str, str]], pattern: str | None) -> tuple[l
         if unmatched:
             raise PipelineError(
                 f"split: split.group_pattern '{pattern}' finds no group in {len(unmatched)} of {len(rows)} "
-                f"file names, e.g. {unmatched[:_SHOWN]}; every image needs one, or fix the pattern"
+                f"file names ({name_forms(unmatched)}); every image needs one: widen the pattern "
+                "to cover these forms (alternatives with |)"
             )
         return [str(g) for g in matched], "group_pattern"
     ids = [(r.get("group") or "").strip() for r in rows]
     return ids, ("group_column" if any(ids) else "none")
+
+
+def name_forms(names: Sequence[str]) -> str:
+    """File names summarised by form (digits as N), the commonest first, each with an example."""
+    forms: dict[str, list[str]] = defaultdict(list)
+    for name in names:
+        forms[re.sub(r"\d+", "N", name)].append(name)
+    ranked = sorted(forms.items(), key=lambda kv: -len(kv[1]))
+    return ", ".join(f"{len(v)} like {v[0]}" for _, v in ranked[:_SHOWN])
 
 
 def given_splits(rows: Sequence[Mapping[str, str]]) -> list[str] | None:
@@ -152,21 +166,26 @@ def tied_units(indices: Sequence[int], groups: Sequence[str], shas: Sequence[str
 _ZONES = ("train", "val", "train+val", "test")  # "train+val": the pool resplit_train_val re-draws
 
 
-def _check_groups_stay_within(zones: Mapping[int, str], groups: Sequence[str], mode: str) -> None:
+def shared_groups(zones: Mapping[int, str], groups: Sequence[str]) -> dict[str, list[str]]:
+    """Groups whose rows sit in more than one zone, with those zones in pipeline order."""
     seen: dict[str, set[str]] = defaultdict(set)
     for i, zone in zones.items():
         if groups[i]:
             seen[groups[i]].add(zone)
-    crossing = {g: sorted(z, key=_ZONES.index) for g, z in seen.items() if len(z) > 1}
-    if not crossing:
+    return {g: sorted(z, key=_ZONES.index) for g, z in sorted(seen.items()) if len(z) > 1}
+
+
+def _check_overlap(crossing: Mapping[str, list[str]], params: SplitParams) -> None:
+    if not crossing or params.source_split_overlap == "warn":
         return
     shown = ", ".join(f"{g!r} ({' and '.join(z)})" for g, z in list(crossing.items())[:_SHOWN])
     hint = ""
-    if mode == "keep" and all("test" not in z for z in crossing.values()):
+    if params.source_splits == "keep" and all("test" not in z for z in crossing.values()):
         hint = "; split.source_splits: resplit_train_val would re-split train+val by group"
     raise PipelineError(
         f"split: the source's own splits leak: {len(crossing)} group(s) sit in more than one split, "
-        f"e.g. {shown}{hint}"
+        f"e.g. {shown}{hint}. To keep the source's splits anyway (an official test split, say), set "
+        "split.source_split_overlap: warn; the overlap is then counted in the split summary and report"
     )
 
 
@@ -211,13 +230,13 @@ def plan_splits(rows: Sequence[Mapping[str, str]], params: SplitParams) -> Split
     kept = [i for i in range(len(rows)) if i not in dropped]
 
     splits = [""] * len(rows)
+    overlap: dict[str, list[str]] = {}
     if given is None:
         free, fractions = kept, split_fractions(params)
     else:
         redrawn = {i for i in kept if mode == "resplit_train_val" and given[i] != "test"}
-        _check_groups_stay_within(
-            {i: "train+val" if i in redrawn else given[i] for i in kept}, groups, params.source_splits
-        )
+        overlap = shared_groups({i: "train+val" if i in redrawn else given[i] for i in kept}, groups)
+        _check_overlap(overlap, params)
         for i in kept:
             splits[i] = "" if i in redrawn else given[i]
         free, fractions = sorted(redrawn), resplit_fractions(params)
@@ -227,7 +246,7 @@ def plan_splits(rows: Sequence[Mapping[str, str]], params: SplitParams) -> Split
 
     _check_result(rows, splits, given)
     conflicts = [s for s in sets if dropped.get(s[0]) == CONFLICT]
-    return SplitPlan(splits, groups, dropped, sets, conflicts, grouped_by, mode)
+    return SplitPlan(splits, groups, dropped, sets, conflicts, grouped_by, mode, overlap)
 
 
 def _check_result(rows: Sequence[Mapping[str, str]], splits: list[str], given: list[str] | None) -> None:

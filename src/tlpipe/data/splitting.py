@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 OUT_FIELDS = ("path", "label", "sha256", "split", "group")
 DROPPED_FIELDS = ("path", "reason")
 _SHOWN_CONFLICTS = 20  # conflict sets listed in the summary (all are in dropped.csv)
+_SHOWN_OVERLAP = 10  # groups shared across the source's splits, named in the summary
 
 
 def count_by_split(rows: list[dict], classes: list[str]) -> dict[str, dict[str, int]]:
@@ -41,8 +42,15 @@ _SOURCE_NOTES = {
 }
 _USED_PARAMS = {
     None: ("val_fraction", "test_fraction", "seed", "group_pattern", "duplicates"),
-    "keep": ("group_pattern", "duplicates", "source_splits"),
-    "resplit_train_val": ("val_fraction", "seed", "group_pattern", "duplicates", "source_splits"),
+    "keep": ("group_pattern", "duplicates", "source_splits", "source_split_overlap"),
+    "resplit_train_val": (
+        "val_fraction",
+        "seed",
+        "group_pattern",
+        "duplicates",
+        "source_splits",
+        "source_split_overlap",
+    ),
 }
 
 
@@ -89,8 +97,21 @@ def build_summary(
             "used": plan.source_splits is not None,
             "mode": plan.source_splits,
             "note": _SOURCE_NOTES[plan.source_splits],
+            "overlap": overlap_summary(out_rows, plan),
         },
         "params": {k: getattr(params, k) for k in _USED_PARAMS[plan.source_splits]},
+    }
+
+
+def overlap_summary(out_rows: Sequence[Mapping[str, str]], plan: SplitPlan) -> dict:
+    """How far the source's own splits share groups (patients) that were kept as given."""
+    shared = plan.overlap
+    in_shared = [r for r in out_rows if r["group"] in shared]
+    return {
+        "groups": len(shared),
+        "images": len(in_shared),
+        "test_images": sum(r["split"] == "test" for r in in_shared),
+        "examples": {g: shared[g] for g in list(shared)[:_SHOWN_OVERLAP]},
     }
 
 
@@ -112,11 +133,20 @@ def split_dataset(raw_dir: Path, params: SplitParams, out_dir: Path, summary_out
             "dropped_rows": summary["duplicates"]["dropped"],
             "duplicate_sets": summary["duplicates"]["sets"],
             "source_splits_used": int(summary["source_splits"]["used"]),
+            "source_split_overlap_groups": summary["source_splits"]["overlap"]["groups"],
+            "source_split_overlap_test_images": summary["source_splits"]["overlap"]["test_images"],
         }
         if summary["imbalance_ratio"] is not None:
             figures["imbalance_ratio"] = summary["imbalance_ratio"]
         tracking.log_metrics(figures)
         tracking.log_artifact(str(summary_out))
+    overlap = summary["source_splits"]["overlap"]
+    if overlap["groups"]:
+        logger.warning(
+            f"split: the source's own splits share {overlap['groups']} group(s) "
+            f"({overlap['test_images']} test images belong to a group also in train or val); kept as "
+            "given (split.source_split_overlap: warn), so test results may be optimistic"
+        )
     totals = summary["totals"]
     logger.info(
         f"split: train {totals['train']}, val {totals['val']}, test {totals['test']} "

@@ -34,7 +34,10 @@ def split_notes(summary: dict) -> list[str]:
             f"{duplicates['dropped']} duplicate images dropped ({duplicates.get('sets', '?')} sets of "
             f"identical pixels; {duplicates.get('conflicting_sets', 0)} with conflicting labels)."
         )
-    if summary.get("grouped_by") not in (None, "none"):
+    overlap = (summary.get("source_splits") or {}).get("overlap") or {}
+    if overlap.get("groups"):
+        notes.append(overlap_warning(overlap))
+    elif summary.get("grouped_by") not in (None, "none"):
         notes.append(f"Grouped by {summary['grouped_by']}: no group spans two splits.")
     if summary.get("imbalance_ratio") is not None:
         notes.append(f"Largest / smallest training class: {summary['imbalance_ratio']}.")
@@ -42,6 +45,21 @@ def split_notes(summary: dict) -> list[str]:
     if note:
         notes.append(f"Splits: {note}.")
     return notes
+
+
+def overlap_warning(overlap: dict) -> str:
+    """The source's splits share groups, kept as given (split.source_split_overlap: warn)."""
+    return (
+        f"Caution: the source's own splits share {overlap['groups']} group(s) (e.g. a patient), kept as given "
+        f"(split.source_split_overlap: warn); {overlap.get('test_images', '?')} test images belong to a "
+        "group that is also in train or val, so the test figures may be optimistic."
+    )
+
+
+def data_cautions(summary: dict | None) -> list[str]:
+    """Warnings about the data that must travel with the results (the CI job summary shows them)."""
+    overlap = ((summary or {}).get("source_splits") or {}).get("overlap") or {}
+    return [overlap_warning(overlap)] if overlap.get("groups") else []
 
 
 def quarantine_blocks(rows: list[dict[str, str]]) -> list[Block]:

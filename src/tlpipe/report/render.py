@@ -7,6 +7,7 @@ class name or file name with ``<`` or ``&`` in it shows as written and cannot in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -51,13 +52,20 @@ def md_table(rows: list[list[str]]) -> str:
 
 
 def render_markdown(
-    metrics: dict, classes: list[str], this: RunFigures, comparison: Comparison, html_path: Path
+    metrics: dict,
+    classes: list[str],
+    this: RunFigures,
+    comparison: Comparison,
+    html_path: Path,
+    cautions: Sequence[str] = (),
 ) -> str:
-    """The CI job summary: the headline metrics, the decision rule, per class when few, the comparison."""
+    """The CI job summary: the headline metrics, any caution on the data, the decision rule, per
+    class when few, the comparison."""
     parts = [
         "# tlpipe report",
         f"Classes: {', '.join(classes)}",
         md_table(headline(metrics, classes, explained=False)),
+        *cautions,
     ]
     rule = decision_rule(metrics, classes)
     if rule:

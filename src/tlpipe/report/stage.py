@@ -21,7 +21,7 @@ from tlpipe.core.config import PIPELINE_SECTIONS, Params, flat_params
 from tlpipe.core.files import atomic_write, read_json
 from tlpipe.report import inputs
 from tlpipe.report.comparison import comparison_blocks, figures_from_metrics, find_comparison
-from tlpipe.report.dataset_view import dataset_blocks
+from tlpipe.report.dataset_view import data_cautions, dataset_blocks
 from tlpipe.report.figures import (
     figure_to_data_uri,
     plot_confusion,
@@ -114,7 +114,8 @@ def write_report(
     this = figures_from_metrics(metrics, params.train_frozen.weights, evaluation_dir / "metrics.json")
     comparison = find_comparison(metrics)
     summary = inputs.optional_json(split_summary)
-    dataset = dataset_blocks(summary if isinstance(summary, dict) else None, inputs.optional_rows(quarantine))
+    summary = summary if isinstance(summary, dict) else None
+    dataset = dataset_blocks(summary, inputs.optional_rows(quarantine))
     sections = build_sections(
         metrics,
         classes,
@@ -128,7 +129,7 @@ def write_report(
     )
     for path, text in (
         (html_out, render_html(classes, sections)),
-        (markdown_out, render_markdown(metrics, classes, this, comparison, html_out)),
+        (markdown_out, render_markdown(metrics, classes, this, comparison, html_out, data_cautions(summary))),
     ):
         # utf-8: what the HTML declares, whatever the locale; atomic: a kill never truncates it
         atomic_write(Path(path), partial(Path.write_text, data=text, encoding="utf-8"))
