@@ -30,7 +30,9 @@ from source_fixtures import (
     write_bad_files,
     zip_folder,
 )
+from tlpipe.core.constants import SOURCES_DIR
 from tlpipe.core.files import read_csv
+from tlpipe.ops.recipes import apply_recipe, load_recipe, recipe_path
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -46,18 +48,27 @@ pytestmark = pytest.mark.e2e  # every source through all seven stage scripts
 
 @pytest.fixture
 def repo(tmp_path) -> Path:
-    """The pipeline's files (dvc.yaml, stages/, params.yaml) in a scratch folder."""
+    """The pipeline's files (dvc.yaml, stages/, params.yaml, recipes/) in a scratch folder."""
     dest = tmp_path / "repo"
     dest.mkdir()
     shutil.copy(REPO / "dvc.yaml", dest)
     shutil.copy(REPO / "params.yaml", dest)
     shutil.copytree(REPO / "stages", dest / "stages")
+    shutil.copytree(REPO / "recipes", dest / "recipes")
+    (dest / SOURCES_DIR).mkdir(parents=True)
     return dest
 
 
-def run_pipeline(repo: Path, data: dict, split: dict | None = None) -> dict:
+def apply_recipe_file(repo: Path, name: str) -> None:
+    """What ``tlpipe recipe NAME`` does, in the scratch repository."""
+    params = repo / "params.yaml"
+    recipe = load_recipe(recipe_path(name, repo / "recipes"))
+    params.write_text(apply_recipe(params.read_text(), recipe))
+
+
+def run_pipeline(repo: Path, data: dict | None = None, split: dict | None = None) -> dict:
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params = merge(merge(params, TINY), {"data": data, "split": split or {}})
+    params = merge(merge(params, TINY), {"data": data or {}, "split": split or {}})
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     stages = load_dvc_yaml(repo)["stages"]
     for name, stage in stages.items():
@@ -88,17 +99,17 @@ def split_counts(repo: Path) -> dict[str, int]:
     return {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
 
 
-def test_folder_source(repo, tmp_path):
-    root = class_folders(tmp_path / "pets", per_class=12)
-    metrics = run_pipeline(repo, {"source": "folder", "folder": {"path": str(root)}})
+def test_folder_source(repo):
+    class_folders(repo / SOURCES_DIR / "pets", per_class=12)
+    metrics = run_pipeline(repo, {"source": "folder", "folder": {"path": f"{SOURCES_DIR}/pets"}})
     assert set(metrics["per_class"]) == {"cat", "dog"}
     assert sum(split_counts(repo).values()) == 24
 
 
-def test_bad_file_corpus_is_quarantined_and_the_pipeline_completes(repo, tmp_path):
-    root = class_folders(tmp_path / "pets", per_class=12)
+def test_bad_file_corpus_is_quarantined_and_the_pipeline_completes(repo):
+    root = class_folders(repo / SOURCES_DIR / "pets", per_class=12)
     write_bad_files(root)
-    data = {"source": "folder", "folder": {"path": str(root)}, "classes": ["cat", "dog"],
+    data = {"source": "folder", "folder": {"path": f"{SOURCES_DIR}/pets"}, "classes": ["cat", "dog"],
             "max_image_pixels": 5000, "max_rejected_fraction": 0.5}  # fmt: skip
     run_pipeline(repo, data)
     quarantined = {r["path"]: r["reason"] for r in read_csv(repo / "data/raw/quarantine.csv")}
@@ -109,28 +120,64 @@ def test_bad_file_corpus_is_quarantined_and_the_pipeline_completes(repo, tmp_pat
     assert len(kept) == 24 and {r["label"] for r in kept} == {"cat", "dog"}
 
 
-def test_folder_source_with_its_own_splits(repo, tmp_path):
-    root = kermany_tree(tmp_path / "chest_xray", {"train": 8, "val": 3, "test": 4})
-    metrics = run_pipeline(
-        repo, {"source": "folder", "folder": {"path": str(root)}}, {"group_pattern": r"person(\w+?)_"}
+# ----------------------------------------------- the dataset recipes, on real-name fixtures
+
+
+def test_kermany_recipe_groups_every_name_form_and_keeps_the_official_test_split(repo):
+    # as distributed: train/ and test/ only, 170 children in both (here: 2)
+    kermany_tree(repo / SOURCES_DIR / "chest_xray", {"train": 12, "test": 6}, shared_persons=2)
+    apply_recipe_file(repo, "kermany")
+    metrics = run_pipeline(repo, split={"val_fraction": 0.25})
+    summary = json.loads((repo / "results/split/summary.json").read_text())
+    assert summary["grouped_by"] == "group_pattern"
+    assert summary["totals"]["test"] == 12  # the official test split, whole
+    rows = read_csv(repo / "data/split/manifest.csv")
+    assert {r["group"] for r in rows} >= {"IM-0100", "NORMAL2-IM-0101", "person100"}
+    assert summary["source_splits"]["overlap"] == {
+        "groups": 2, "images": 8, "test_images": 4,
+        "examples": {"person100": ["train+val", "test"], "person101": ["train+val", "test"]},
+    }  # fmt: skip
+    by_group: dict[str, set[str]] = {}
+    for r in rows:
+        by_group.setdefault(r["group"], set()).add(r["split"])
+    assert {g for g, s in by_group.items() if len(s) > 1} == {"person100", "person101"}  # only those
+    assert metrics["n_test"] == 12
+    assert (
+        "Caution: the source's own splits share 2 group(s)"
+        in (repo / "results/report/summary.md").read_text()
     )
-    assert split_counts(repo) == {"train": 16, "val": 6, "test": 8}
-    assert metrics["n_test"] == 8
+    assert "share 2 group(s)" in (repo / "results/report/report.html").read_text()
 
 
-def test_csv_source(repo, tmp_path):
-    images, table = ham_fixture(tmp_path, n=36)
-    data = {"source": "csv", "csv": {"images": str(images), "file": str(table), "extension": ".jpg",
-                                     "group_column": "lesion_id"}}  # fmt: skip
-    metrics = run_pipeline(repo, data)
+def test_ham10000_recipe_reads_both_image_folders_and_groups_by_lesion(repo):
+    ham_fixture(repo / SOURCES_DIR / "ham10000", n=36)
+    apply_recipe_file(repo, "ham10000")
+    metrics = run_pipeline(repo)
     assert set(metrics["per_class"]) == {"bkl", "mel", "nv"}
+    rows = read_csv(repo / "data/split/manifest.csv")
+    assert len(rows) == 36 and len({r["group"] for r in rows}) == 18  # two images per lesion
+    for group in {r["group"] for r in rows}:
+        assert len({r["split"] for r in rows if r["group"] == group}) == 1
 
 
-def test_medmnist_npz_source_keeps_official_splits(repo, tmp_path):
-    npz = medmnist_npz(tmp_path / "pneumoniamnist.npz", {"train": 24, "val": 8, "test": 10})
-    metrics = run_pipeline(repo, {"source": "medmnist", "medmnist": {"path": str(npz)}})
-    assert split_counts(repo) == {"train": 24, "val": 8, "test": 10}
-    assert set(metrics["per_class"]) == {"normal", "pneumonia"}
+@pytest.mark.parametrize(
+    ("name", "classes", "rgb"),
+    [
+        ("pneumoniamnist", {"normal", "pneumonia"}, False),
+        ("dermamnist", {"actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
+                        "benign keratosis-like lesions", "dermatofibroma", "melanoma", "melanocytic nevi",
+                        "vascular lesions"}, True),
+    ],
+)  # fmt: skip
+def test_medmnist_recipes_keep_the_official_splits(repo, name, classes, rgb):
+    n_classes = len(classes)
+    sizes = {"train": 4 * n_classes, "val": 2 * n_classes, "test": 2 * n_classes}
+    medmnist_npz(repo / SOURCES_DIR / f"{name}.npz", sizes, rgb=rgb, n_classes=n_classes)
+    apply_recipe_file(repo, name)
+    # offline: the copy in data/sources instead of the MD5-checked download (recipes/NAME.yaml says how)
+    metrics = run_pipeline(repo, {"medmnist": {"path": f"{SOURCES_DIR}/{name}.npz"}})
+    assert split_counts(repo) == sizes
+    assert set(metrics["per_class"]) == classes
 
 
 @pytest.mark.parametrize("kind", ["zip", "tar.gz"])
@@ -150,12 +197,15 @@ PNEUMONIAMNIST = REPO.parent / "shared" / "data" / "pneumoniamnist.npz"
 
 
 @pytest.mark.skipif(not PNEUMONIAMNIST.is_file(), reason=f"real data not present at {PNEUMONIAMNIST}")
-def test_real_pneumoniamnist_keeps_its_official_split(tmp_path):
+def test_real_pneumoniamnist_keeps_its_official_split(tmp_path, monkeypatch):
     from tlpipe.core.config import DataParams, MedmnistParams, SplitParams
     from tlpipe.data.sources import download
     from tlpipe.data.splitting import split_dataset
 
-    data = DataParams(source="medmnist", medmnist=MedmnistParams(path=str(PNEUMONIAMNIST)))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / SOURCES_DIR).mkdir(parents=True)
+    (tmp_path / SOURCES_DIR / "pneumoniamnist.npz").symlink_to(PNEUMONIAMNIST)
+    data = DataParams(source="medmnist", medmnist=MedmnistParams(path=f"{SOURCES_DIR}/pneumoniamnist.npz"))
     summary = download(data, tmp_path / "raw")
     assert summary.rejected == 0 and summary.classes == ["normal", "pneumonia"]
     # 27 sets of identical images, 8 of them reaching from train into val: keep_first_split drops
@@ -195,11 +245,12 @@ def test_url_archive_with_path_traversal_is_refused_naming_the_url(tmp_path):
     assert not (tmp_path / "raw").exists() and not (tmp_path.parent / "etc" / "evil.png").exists()
 
 
-def test_grayscale_channels_store_one_channel_and_the_pipeline_completes(repo, tmp_path):
+def test_grayscale_channels_store_one_channel_and_the_pipeline_completes(repo):
     from PIL import Image
 
-    root = class_folders(tmp_path / "pets", per_class=12)
-    metrics = run_pipeline(repo, {"source": "folder", "folder": {"path": str(root)}, "channels": "grayscale"})
+    class_folders(repo / SOURCES_DIR / "pets", per_class=12)
+    data = {"source": "folder", "folder": {"path": f"{SOURCES_DIR}/pets"}, "channels": "grayscale"}
+    metrics = run_pipeline(repo, data)
     for stage_dir in ("data/raw/images", "data/augmented/train"):
         modes = {Image.open(p).mode for p in (repo / stage_dir).rglob("*.png")}
         assert modes == {"L"}, stage_dir
