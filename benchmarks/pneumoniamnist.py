@@ -13,70 +13,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import yaml
+from bench_repo import SHARED, bring_in, copy_repo, edit_params, operating_summary, run_stages
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_NPZ = REPO.parent / "shared" / "data" / "pneumoniamnist.npz"
-STAGES = ["download", "split", "augment", "train-frozen", "fine-tune", "evaluate", "report"]
-
-
-def parse_value(text: str) -> object:
-    return yaml.safe_load(text)
-
-
-def apply_overrides(params: dict, overrides: list[str]) -> dict:
-    for item in overrides:
-        key, _, value = item.partition("=")
-        node = params
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = parse_value(value)
-    return params
-
-
-def copy_repo(dest: Path) -> None:
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO, check=True, capture_output=True, text=True,
-    ).stdout.split("\0")  # fmt: skip
-    for rel in filter(None, files):
-        if (REPO / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dest / rel)
-    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@tlpipe.invalid"]
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-qm", "bench"], cwd=dest, check=True)
+DEFAULT_NPZ = SHARED / "pneumoniamnist.npz"
 
 
 def run_recipe(name: str, npz: Path, overrides: list[str], log_dir: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"tlpipe-bench-{name}-") as tmp:
         repo = Path(tmp)
         copy_repo(repo)
-        params = yaml.safe_load((repo / "params.yaml").read_text())
-        params = apply_overrides(params, ["data.source=medmnist", f"data.medmnist.path={npz}", *overrides])
-        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-        env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")
-        seconds, cpu = {}, {}
-        with open(log_dir / f"{name}.log", "w") as log:
-            for stage in STAGES:
-                start, cpu_start = time.perf_counter(), _children_cpu_seconds()
-                subprocess.run([sys.executable, "-m", "dvc", "repro", "-s", stage], cwd=repo, env=env,
-                               stdout=log, stderr=subprocess.STDOUT, check=True)  # fmt: skip
-                seconds[stage] = round(time.perf_counter() - start, 1)
-                cpu[stage] = round(_children_cpu_seconds() - cpu_start, 1)
-                print(f"{name}: {stage} {seconds[stage]}s (CPU {cpu[stage]}s)", file=sys.stderr, flush=True)
+        # brought in as a user would: DVC versions it under data/sources/
+        npz_path = bring_in(repo, npz, npz.name)
+        edit_params(repo, ["data.source=medmnist", f"data.medmnist.path={npz_path}", *overrides])
+        seconds, cpu = run_stages(repo, name, log_dir)
         metrics = json.loads((repo / "results/evaluate/metrics.json").read_text())
         kept = log_dir / name  # the outputs worth a second look, before the copy is deleted
         shutil.copytree(repo / "results", kept / "results")
@@ -86,19 +40,6 @@ def run_recipe(name: str, npz: Path, overrides: list[str], log_dir: Path) -> dic
                 "total_cpu_seconds": round(sum(cpu.values()), 1), "accuracy": metrics["accuracy"],
                 "roc_auc": metrics["roc_auc"], "macro_f1": metrics["macro_f1"], "n_test": metrics["n_test"],
                 "threshold": metrics.get("threshold"), "operating_points": operating_summary(metrics)}  # fmt: skip
-
-
-def operating_summary(metrics: dict) -> dict:
-    """Each val-chosen operating point's cut-off and test accuracy, sensitivity and specificity."""
-    keys = ("value", "accuracy", "sensitivity", "specificity")
-    return {
-        name: {k: point.get(k) for k in keys} for name, point in metrics.get("operating_points", {}).items()
-    }
-
-
-def _children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:

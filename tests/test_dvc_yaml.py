@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline_helpers import load_dvc_yaml
+from tlpipe.core.constants import SOURCES_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = load_dvc_yaml(REPO)
@@ -95,8 +96,16 @@ def test_stage_paths_are_relative_and_on_its_command_line(name):
     named = re.findall(r"--[\w-]+ (\S+)", stage["cmd"])
     for path in paths:
         assert not Path(path).is_absolute()
+        if name == "download" and path == SOURCES_DIR:
+            continue  # named by params.yaml's paths, which the config requires to lie inside it
         on_cmd = any(path == n or path.startswith(n.rstrip("/") + "/") for n in named)
         assert on_cmd, f"{name}: {path} is not on the command line (itself or its folder)"
+
+
+def test_download_depends_on_the_sources_folder_the_config_requires():
+    assert SOURCES_DIR in STAGES["download"]["deps"]
+    assert (REPO / SOURCES_DIR / "README.md").is_file()  # so the dependency exists in a fresh clone
+    assert not any(SOURCES_DIR in d for n, s in STAGES.items() if n != "download" for d in s["deps"])
 
 
 def test_stage_scripts_are_thin():
