@@ -59,7 +59,7 @@ def _folder(ext: Path) -> tuple[dict, dict]:
         moved.rename(root(repo) / "train" / "PNEUMONIA" / moved.name)
 
     def remove(repo: Path) -> None:
-        (root(repo) / "train" / "PNEUMONIA" / "IM-0999-0001.jpeg").unlink()
+        (root(repo) / "train" / "NORMAL" / "IM-0100-0001.jpeg").unlink()
 
     def unused(repo: Path) -> None:  # a file the folder source skips: download reruns, its output stays
         (root(repo) / "train" / ".DS_Store").write_bytes(b"\0\1")
@@ -79,15 +79,15 @@ def _csv(ext: Path) -> tuple[dict, dict]:
             fh.write("HAM_0099999,ISIC_0099999,mel,histo,50.0,male,back\n")
 
     def relabel(repo: Path) -> None:
-        text = root(repo) / "HAM10000_metadata.csv".read_text()
-        root(repo) / "HAM10000_metadata.csv".write_text(text.replace("ISIC_0099999,mel,", "ISIC_0099999,nv,"))
+        text = (root(repo) / "HAM10000_metadata.csv").read_text()
+        (root(repo) / "HAM10000_metadata.csv").write_text(text.replace("ISIC_0099999,mel,", "ISIC_0099999,nv,"))
 
     def remove(repo: Path) -> None:  # the image goes; its row stays, and is quarantined
-        (repo / parts[1] / "ISIC_0099999.jpg").unlink()
+        (repo / parts[0] / "ISIC_0024306.jpg").unlink()
 
     def unused(repo: Path) -> None:  # a column tlpipe does not read
-        lines = root(repo) / "HAM10000_metadata.csv".read_text().splitlines()
-        root(repo) / "HAM10000_metadata.csv".write_text("\n".join(f"{line},x" for line in lines) + "\n")
+        lines = (root(repo) / "HAM10000_metadata.csv").read_text().splitlines()
+        (root(repo) / "HAM10000_metadata.csv").write_text("\n".join(f"{line},x" for line in lines) + "\n")
 
     return data, {"add": add, "relabel": relabel, "remove": remove, "unused": unused}
 
@@ -119,7 +119,7 @@ def _npz(ext: Path) -> tuple[dict, dict]:
 
     def remove(repo: Path) -> None:
         def drop(a: dict) -> None:
-            a["train_images"], a["train_labels"] = a["train_images"][:-1], a["train_labels"][:-1]
+            a["train_images"], a["train_labels"] = a["train_images"][1:], a["train_labels"][1:]
 
         rewrite(repo, drop)
 
@@ -143,6 +143,8 @@ def test_every_change_to_a_source_reruns_download_and_nothing_else_reruns_withou
     assert "download" not in _status(repo)
     assert _repro_split(repo) == []  # unchanged: nothing reruns
 
+    # each edit leads to a state not seen before: a return to an earlier one would be restored from
+    # DVC's run cache instead of rerun (same inputs, same outputs)
     for name in ("add", "relabel", "remove"):
         edits[name](repo)
         status = _status(repo)
@@ -206,7 +208,11 @@ def test_readme_bring_your_own_data_commands_run_push_and_a_second_clone_pulls_e
     )
     original = sorted(p.relative_to(tmp_path) for p in (tmp_path / "chest_xray").rglob("*"))
     assert pulled == original and len(pulled) > 30
-    assert "up to date" in dvc(clone, "status").stdout
+    status = dvc(clone, "status").stdout
+    # every data and model output came back; only the training stages' local scratch (the feature cache
+    # and resume checkpoints, persist outputs DVC does not cache or push) is absent in a fresh clone
+    assert set(re.findall(r"^(\S+):$", status, re.M)) == {"train-frozen", "fine-tune"}, status
+    assert re.findall(r"deleted:\s+(\S+)", status) == ["checkpoints/train-frozen", "checkpoints/fine-tune"]
     assert (clone / "models/model.keras").is_file()
     shutil.rmtree(store)  # nothing below depends on the remote
     assert os.listdir(clone / SOURCES_DIR)  # README.md, .gitignore, the .dvc file and the data
