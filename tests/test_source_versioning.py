@@ -80,7 +80,9 @@ def _csv(ext: Path) -> tuple[dict, dict]:
 
     def relabel(repo: Path) -> None:
         text = (root(repo) / "HAM10000_metadata.csv").read_text()
-        (root(repo) / "HAM10000_metadata.csv").write_text(text.replace("ISIC_0099999,mel,", "ISIC_0099999,nv,"))
+        (root(repo) / "HAM10000_metadata.csv").write_text(
+            text.replace("ISIC_0099999,mel,", "ISIC_0099999,nv,")
+        )
 
     def remove(repo: Path) -> None:  # the image goes; its row stays, and is quarantined
         (repo / parts[0] / "ISIC_0024306.jpg").unlink()

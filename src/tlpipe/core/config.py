@@ -91,7 +91,7 @@ class DataParams(Section):
 
     @model_validator(mode="after")
     def _source_is_configured(self) -> DataParams:
-        required = {
+        required: dict[str, list[tuple[str, object]]] = {
             "folder": [("folder.path", self.folder.path)],
             "csv": [("csv.images", self.csv.images), ("csv.file", self.csv.file)],
             "medmnist": [("medmnist.name or data.medmnist.path", self.medmnist.name or self.medmnist.path)],
