@@ -16,7 +16,8 @@ from tlpipe.core.config import CsvParams, DataParams, FolderParams
 from tlpipe.core.constants import SOURCES_DIR
 from tlpipe.core.errors import PipelineError
 from tlpipe.core.files import read_csv, read_json
-from tlpipe.data.sources import OUTSIDE_LINK, SEEN_LINK, candidates_for, download, folder_candidates, ingest
+from tlpipe.data.local_sources import OUTSIDE_LINK, SEEN_LINK, folder_candidates
+from tlpipe.data.sources import candidates_for, download, ingest
 
 
 @pytest.fixture(autouse=True)
