@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mlflow
 import pytest
 from split_fixtures import KERMANY, given_rows, interleaved_labels, kermany_rows, manifest_row, patient_id
 
@@ -204,3 +205,9 @@ def test_overlap_kept_under_warn_is_counted_in_the_summary_and_logged(tmp_path, 
     }
     assert read_json(tmp_path / "summary.json")["source_splits"]["overlap"]["groups"] == 2
     assert "share 2 group(s)" in caplog.text and "may be optimistic" in caplog.text
+    run = mlflow.search_runs(
+        experiment_names=["tlpipe-tests"], filter_string="tags.`tlpipe.stage` = 'split'", max_results=1,
+        order_by=["attributes.start_time DESC"],
+    ).iloc[0]  # fmt: skip
+    assert run["metrics.source_split_overlap_groups"] == 2
+    assert run["metrics.source_split_overlap_test_images"] == 2
