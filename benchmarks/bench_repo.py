@@ -4,6 +4,7 @@ with their wall and CPU time."""
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
@@ -91,3 +92,12 @@ def operating_summary(metrics: dict) -> dict:
 def children_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def report_json(result: dict, out: Path | None) -> None:
+    """The benchmark's result on stdout, and in ``out`` when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")

@@ -18,7 +18,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_repo import SHARED, bring_in, copy_repo, edit_params, environment, operating_summary, run_stages
+from bench_repo import (
+    SHARED,
+    bring_in,
+    copy_repo,
+    edit_params,
+    environment,
+    operating_summary,
+    report_json,
+    run_stages,
+)
 
 DEFAULT_DATA = SHARED / "chest_xray"
 
@@ -68,13 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no chest_xray folder at {args.data} (pass --data)", file=sys.stderr)
         return 2
     log_dir = Path(tempfile.mkdtemp(prefix="tlpipe-bench-logs-"))
-    text = json.dumps(
-        {"dataset": str(args.data), "logs": str(log_dir), **run(args.data, args.set, log_dir)}, indent=2
+    report_json(
+        {"dataset": str(args.data), "logs": str(log_dir), **run(args.data, args.set, log_dir)}, args.out
     )
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
     return 0
 
 

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_repo import SHARED, bring_in, copy_repo, edit_params, operating_summary, run_stages
+from bench_repo import SHARED, bring_in, copy_repo, edit_params, operating_summary, report_json, run_stages
 
 DEFAULT_NPZ = SHARED / "pneumoniamnist.npz"
 
@@ -60,11 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         # one param change: with no pretrained weights fine-tune trains every layer (see fine_tune)
         scratch = [*args.set, "train_frozen.weights=none"]
         results.append(run_recipe("from_scratch", args.npz, scratch, log_dir))
-    text = json.dumps({"dataset": str(args.npz.name), "logs": str(log_dir), "results": results}, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    report_json({"dataset": str(args.npz.name), "logs": str(log_dir), "results": results}, args.out)
     return 0
 
 

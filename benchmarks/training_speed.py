@@ -18,7 +18,6 @@ Not part of the test suite. Prints and writes JSON:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import keras
 
+from bench_repo import report_json
 from naive_fit import fit_through_frozen_backbone
 from tlpipe.core.config import FineTuneParams, TrainFrozenParams
 from tlpipe.data.datasets import image_dataset, load_augmented
@@ -144,11 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    report_json(result, args.out)
     return 0
 
 

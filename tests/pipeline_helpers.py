@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,23 +32,6 @@ def merge(base: dict, override: dict) -> dict:
 def edit_params(repo: Path, override: dict) -> None:
     path = repo / "params.yaml"
     path.write_text(yaml.safe_dump(merge(yaml.safe_load(path.read_text()), override), sort_keys=False))
-
-
-def copy_repo(dest: Path) -> None:
-    """The files a fresh clone would have (tracked and new, not ignored), as in the working tree."""
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO, check=True, capture_output=True, text=True,
-    ).stdout.split("\0")  # fmt: skip
-    for rel in filter(None, listed):
-        src = REPO / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    git = ["git", "-c", "user.name=tlpipe-tests", "-c", "user.email=tests@tlpipe.invalid"]
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
 
 
 def dvc_env() -> dict[str, str]:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from bench_repo import copy_repo
 from pipeline_helpers import (
     STAGES,
     TINY_PARAMS,
-    copy_repo,
     declared_outputs,
     dvc,
     edit_params,

@@ -26,17 +26,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline_helpers import (
-    REPO,
-    STAGES,
-    TINY_PARAMS,
-    copy_repo,
-    dvc,
-    dvc_env,
-    edit_params,
-    load_dvc_yaml,
-    stages_run,
-)
+from bench_repo import copy_repo
+from pipeline_helpers import REPO, STAGES, TINY_PARAMS, dvc, dvc_env, edit_params, load_dvc_yaml, stages_run
 
 pytestmark = pytest.mark.e2e
 

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline_helpers import REPO, TINY_PARAMS, copy_repo, dvc, dvc_env, edit_params, merge, stages_run
+from bench_repo import copy_repo
+from pipeline_helpers import REPO, TINY_PARAMS, dvc, dvc_env, edit_params, merge, stages_run
 from source_fixtures import ham_fixture, ham_parts, kermany_tree, medmnist_npz, save, tinted
 from tlpipe.core.constants import SOURCES_DIR
 from tlpipe.core.files import read_csv

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline_helpers import REPO, TINY_PARAMS, copy_repo, dvc, dvc_env, edit_params
+from bench_repo import copy_repo
+from pipeline_helpers import REPO, TINY_PARAMS, dvc, dvc_env, edit_params
 from tlpipe.core.errors import PipelineError
 from tlpipe.ops import retrain
 
