@@ -130,14 +130,14 @@ def _decode(ds: Dataset, max_pixels: int | None) -> tuple[np.ndarray, str]:
     except NotImplementedError:  # video, JPIP, or a UID that is no transfer syntax
         decoder = None
     if decoder is None or not decoder.is_available:
-        raise UnusableDicom(f"DICOM compressed with {_syntax_name(syntax)}: no installed decoder can read it")
+        raise UnusableDicom(f"DICOM {_syntax_text(syntax)}: no installed decoder can read it")
     try:
         # a JPEG or JPEG 2000 stream inside may claim more pixels than the header:
         # Pillow, which decodes those, gets the same limit
         with _pillow_pixel_limit(max_pixels):
             pixels, meta = decoder.as_array(ds, validate=True, raw=False, **as_pixel_options(ds))
     except Exception as err:
-        what = f"compressed with {_syntax_name(syntax)}" if syntax.is_compressed else "pixel data"
+        what = _syntax_text(syntax) if syntax.is_compressed else "pixel data"
         raise UnusableDicom(f"DICOM {what}: cannot decode ({_detail(err)})") from None
     return pixels, str(meta.get("photometric_interpretation", ds.get("PhotometricInterpretation", "")))
 
@@ -160,11 +160,13 @@ def _transfer_syntax(ds: Dataset) -> UID:
     return syntax
 
 
-def _syntax_name(syntax: UID) -> str:
-    name = (
-        syntax.name.removesuffix(" Image Compression") if syntax.name != str(syntax) else "an unknown syntax"
-    )
-    return f"{name} ({syntax})"
+def _syntax_text(syntax: UID) -> str:
+    """The transfer syntax as a reason names it: ``compressed with JPEG-LS Lossless (1.2.840...80)``."""
+    uid = "".join(c if c.isprintable() else "?" for c in str(syntax)[:64])  # a damaged header
+    if not syntax.is_transfer_syntax:
+        return f"with an unknown transfer syntax ({uid})"
+    name = syntax.name.removesuffix(" Image Compression")
+    return f"compressed with {name} ({uid})" if syntax.is_compressed else f"in {name} ({uid})"
 
 
 def _to_image(ds: Dataset, decoded: tuple[np.ndarray, str]) -> Image.Image:
@@ -268,5 +270,8 @@ def _detail(err: Exception, source: Any = None) -> str:
     text = " ".join(str(err).split())
     if isinstance(source, Path):
         text = text.replace(str(source), source.name)
-    detail = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    kind = type(err).__name__
+    if kind.islower():  # struct.error, zlib.error: the module says what failed
+        kind = f"{type(err).__module__}.{kind}"
+    detail = f"{kind}: {text}" if text else kind
     return detail if len(detail) <= 160 else detail[:157] + "..."

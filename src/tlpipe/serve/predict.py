@@ -27,6 +27,7 @@ from typing import TypeVar
 import numpy as np
 from tqdm import tqdm
 
+from tlpipe.core.dicom import HEAD_BYTES, is_dicom
 from tlpipe.core.errors import PipelineError
 from tlpipe.core.files import read_json
 from tlpipe.core.images import IMAGE_EXTENSIONS, Rejected
@@ -41,17 +42,26 @@ logger = logging.getLogger(__name__)
 
 
 def image_files(paths: Iterable[str | Path]) -> list[Path]:
-    """The given files, and the image files under the given folders (sorted, recursively)."""
+    """The given files, and the image files under the given folders (sorted, recursively): those with
+    an image extension, and DICOM files whatever their name (``scan``, ``x.IMA``)."""
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found += sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-            )
+            found += sorted(p for p in path.rglob("*") if p.is_file() and _looks_like_image(p))
         else:
             found.append(path)  # named explicitly: a missing or odd file is reported, not skipped
     return found
+
+
+def _looks_like_image(path: Path) -> bool:
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return True
+    try:
+        with open(path, "rb") as fh:
+            return is_dicom(fh.read(HEAD_BYTES))
+    except OSError:
+        return False  # unreadable and without an image extension: not one of the folder's images
 
 
 def _batched_rows(
@@ -152,13 +162,14 @@ def file_bytes(path: Path) -> bytes:
     """A file's bytes for a logged model, with the checks a local model's decoding makes first."""
     if not path.is_file():
         raise Rejected("no such file")
-    suffix = path.suffix.lower()
-    if suffix and suffix not in IMAGE_EXTENSIONS:
-        raise Rejected(f"not an image extension ({suffix})")
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except OSError as err:
         raise Rejected(f"cannot read file: {err.strerror or err}") from None
+    suffix = path.suffix.lower()
+    if suffix and suffix not in IMAGE_EXTENSIONS and not is_dicom(data[:HEAD_BYTES]):
+        raise Rejected(f"not an image extension ({suffix})")
+    return data
 
 
 def logged_model_rows(model, files: Sequence[Path], classes: list[str], progress: bool) -> Iterator[dict]:

@@ -38,7 +38,7 @@ from tlpipe.model.inference import probabilities
 IMAGE_COLUMN = "image"
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 # what decoding needs besides the model's own requirements (tracking.model_requirements)
-DECODING_PACKAGES = ("pillow", "opencv-python-headless", "albumentations", "pandas")
+DECODING_PACKAGES = ("pillow", "pydicom", "opencv-python-headless", "albumentations", "pandas")
 
 
 def image_bytes(value: object) -> bytes:
