@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import base64
 import csv
 import io
-import json
 import shutil
 from pathlib import Path
 
-import keras
 import mlflow
 import numpy as np
 import pandas as pd
@@ -17,33 +14,19 @@ import pytest
 from PIL import Image
 from pydicom.pixels import get_decoder
 from pydicom.uid import JPEGLSLossless
+from serving_models import CLASSES, b64, log_in_store, write_pixel_sensitive_model
 
 from dicom_fixtures import JPEG_LS, RLE_OF_MR_SMALL, bundled, write_dicom
-from tlpipe.model import storage
 from tlpipe.serve.predict import predict
-from tlpipe.serve.pyfunc import log_raw_image_model
-
-CLASSES = ["normal", "pneumonia", "covid"]
-SIZE = 32
 
 pytestmark = pytest.mark.slow  # builds and runs real Keras models, logs one to MLflow
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     """A Keras model whose output depends on every pixel, and the same pictures as PNG and DICOM."""
     root = tmp_path_factory.mktemp("dicom-serving")
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((SIZE, SIZE, 3))
-    # flatten, not pooling: any pixel that differs between the two files shows in the output
-    hidden = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs))
-    model = keras.Model(inputs, keras.layers.Dense(len(CLASSES), activation="softmax")(hidden))
-    storage.save_model_atomically(model, root / "model.keras")
-    (root / "classes.json").write_text(json.dumps(CLASSES))
+    write_pixel_sensitive_model(root)
     rng = np.random.default_rng(2)
     grey = rng.integers(0, 256, (48, 40), dtype=np.uint8)
     colour = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)
@@ -119,24 +102,13 @@ def test_predict_finds_dicom_files_in_a_folder_by_extension_or_content(files, tm
 
 @pytest.fixture(scope="module")
 def model_uri(files, mlflow_store) -> str:
-    """The raw-image model logged once in the tests' store, as ``models:/<model id>``."""
-    # module scope runs before conftest's per-test environment: point MLflow at the store here
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("MLFLOW_TRACKING_URI", mlflow_store)
-        env.setenv("MLFLOW_EXPERIMENT_NAME", "tlpipe-tests")
-        mlflow.set_tracking_uri(mlflow_store)
-        mlflow.set_experiment("tlpipe-tests")
-        with mlflow.start_run():
-            info = log_raw_image_model(
-                files["model.keras"], files["classes.json"], files["grey.png"].read_bytes()
-            )
-    return f"models:/{info.model_id}"
+    return log_in_store(mlflow_store, files["model.keras"], files["classes.json"], files["grey.png"])
 
 
 def test_the_served_model_answers_a_dicom_upload_like_the_same_pixels_as_png(files, model_uri):
     model = mlflow.pyfunc.load_model(model_uri)
     uploads = ["grey.png", "grey.dcm", "inverted.dcm", "colour.png", "colour.dcm", "cine.dcm"]
-    out = model.predict(pd.DataFrame({"image": [_b64(files[n].read_bytes()) for n in uploads]}))
+    out = model.predict(pd.DataFrame({"image": [b64(files[n].read_bytes()) for n in uploads]}))
     rows = dict(zip(uploads, out.to_dict("records"), strict=True))
     probs = {name: np.array([row[f"p_{c}"] for c in CLASSES], dtype=float) for name, row in rows.items()}
     for dicom, png in (("grey.dcm", "grey.png"), ("inverted.dcm", "grey.png"), ("colour.dcm", "colour.png")):

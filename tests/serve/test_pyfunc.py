@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import csv
 import io
@@ -24,6 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from serving_models import CLASSES, SIZE, b64, log_in_store, write_pixel_sensitive_model
 
 from augmented_fixture import make_augmented
 from tlpipe.core.config import EvaluateParams
@@ -31,31 +31,18 @@ from tlpipe.core.constants import LOGGED_MODEL_TAG
 from tlpipe.data.pixels import load_pixels
 from tlpipe.evaluate.stage import evaluate
 from tlpipe.model import storage
-from tlpipe.serve.pyfunc import log_raw_image_model
 
-CLASSES = ["normal", "pneumonia", "covid"]
-SIZE = 32
 SERVER_START_S = 180
 
 
 pytestmark = pytest.mark.slow  # builds, trains or runs real Keras models
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     """A keras model whose output depends on every pixel, its classes, and two real image files."""
     root = tmp_path_factory.mktemp("serving")
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((SIZE, SIZE, 3))
-    # flatten, not pooling: a resize or orientation that differs from the pipeline's shows
-    hidden = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs))
-    model = keras.Model(inputs, keras.layers.Dense(len(CLASSES), activation="softmax")(hidden))
-    storage.save_model_atomically(model, root / "model.keras")
-    (root / "classes.json").write_text(json.dumps(CLASSES))
+    write_pixel_sensitive_model(root)
     rng = np.random.default_rng(1)
     Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(root / "xray.png")
     Image.fromarray(rng.integers(0, 255, (70, 50), dtype=np.uint8)).save(root / "xray.jpg", quality=90)
@@ -65,16 +52,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def model_uri(files, mlflow_store) -> str:
-    """The raw-image model logged once in the tests' store, as ``models:/<model id>``."""
-    # module scope runs before conftest's per-test environment: point MLflow at the store here
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("MLFLOW_TRACKING_URI", mlflow_store)
-        env.setenv("MLFLOW_EXPERIMENT_NAME", "tlpipe-tests")
-        mlflow.set_tracking_uri(mlflow_store)
-        mlflow.set_experiment("tlpipe-tests")
-        with mlflow.start_run():
-            info = log_raw_image_model(files["model"], files["classes"], files["png"].read_bytes())
-    return f"models:/{info.model_id}"
+    return log_in_store(mlflow_store, files["model"], files["classes"], files["png"])
 
 
 def _keras_probabilities(files, path: Path) -> np.ndarray:
@@ -85,7 +63,7 @@ def _keras_probabilities(files, path: Path) -> np.ndarray:
 def test_pyfunc_classifies_image_bytes_like_the_keras_model_on_pipeline_pixels(files, model_uri):
     model = mlflow.pyfunc.load_model(model_uri)
     png, jpg = files["png"].read_bytes(), files["jpg"].read_bytes()
-    images = [_b64(png), _b64(jpg), "not base64 at all!", _b64(b"GIF89a, but truncated")]
+    images = [b64(png), b64(jpg), "not base64 at all!", b64(b"GIF89a, but truncated")]
     out = model.predict(pd.DataFrame({"image": images}))
 
     assert list(out.columns) == ["predicted", *(f"p_{c}" for c in CLASSES), "error"]
@@ -104,7 +82,7 @@ def test_pyfunc_classifies_image_bytes_like_the_keras_model_on_pipeline_pixels(f
 def test_pyfunc_takes_raw_bytes_and_data_urls_too(files, model_uri):
     model = mlflow.pyfunc.load_model(model_uri)
     png = files["png"].read_bytes()
-    out = model.predict(pd.DataFrame({"image": [png, "data:image/png;base64," + _b64(png)]}))
+    out = model.predict(pd.DataFrame({"image": [png, "data:image/png;base64," + b64(png)]}))
     assert list(out["error"]) == ["", ""]
     np.testing.assert_allclose(out.iloc[0, 1:-1].to_numpy(float), _keras_probabilities(files, files["png"]),
                                atol=1e-5)  # fmt: skip
@@ -138,7 +116,7 @@ def test_evaluate_logs_the_raw_image_model_and_tags_its_id(tmp_path):
     assert run.data.tags["tlpipe.stage"] == "evaluate"
     model = mlflow.pyfunc.load_model(f"models:/{run.data.tags[LOGGED_MODEL_TAG]}")
     expected = list(csv.DictReader(io.StringIO((tmp_path / "out" / "predictions.csv").read_text())))
-    images = [_b64((data / row["path"]).read_bytes()) for row in expected]
+    images = [b64((data / row["path"]).read_bytes()) for row in expected]
     out = model.predict(pd.DataFrame({"image": images}))
     assert list(out["predicted"]) == [row["predicted"] for row in expected]
     columns = ["p_red", "p_green", "p_blue"]
@@ -198,7 +176,7 @@ def test_mlflow_models_serve_answers_an_uploaded_image(files, model_uri, tmp_pat
         )  # fmt: skip
     try:
         _wait_until_up(f"http://127.0.0.1:{port}/ping", server, log)
-        body = {"dataframe_split": {"columns": ["image"], "data": [[_b64(files["jpg"].read_bytes())]]}}
+        body = {"dataframe_split": {"columns": ["image"], "data": [[b64(files["jpg"].read_bytes())]]}}
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations",
             data=json.dumps(body).encode(),
