@@ -334,6 +334,29 @@ def test_csv_source_reads_ham10000_with_its_two_image_folders_and_quarantines_ba
     }
 
 
+def test_csv_row_whose_file_is_a_link_out_of_the_image_folder_is_refused_unopened(tmp_path, monkeypatch):
+    root = ham_fixture(_in_sources(tmp_path, "ham10000"))
+    part_1 = ham_parts(root)[0]
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes((part_1 / "ISIC_0024306.jpg").read_bytes())
+    (part_1 / "ISIC_0024306.jpg").unlink()
+    (part_1 / "ISIC_0024306.jpg").symlink_to(secret)
+    opened: list[Path] = []
+    real_open = builtins.open
+
+    def spy(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)):
+            opened.append(Path(file).resolve())
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    download(_csv_params(root), tmp_path / "raw")
+    monkeypatch.undo()
+    quarantined = {r["path"]: r["reason"] for r in read_csv(tmp_path / "raw" / "quarantine.csv")}
+    assert quarantined == {"ISIC_0024306.jpg": OUTSIDE_LINK}
+    assert secret.resolve() not in opened and (part_1 / "ISIC_0024307.jpg").resolve() in opened
+
+
 def test_csv_image_in_two_of_the_image_folders_is_rejected_as_ambiguous(tmp_path):
     root = ham_fixture(_in_sources(tmp_path, "ham10000"))
     part_1, part_2 = ham_parts(root)
