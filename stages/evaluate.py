@@ -1,4 +1,5 @@
-"""DVC stage `evaluate`: test-split metrics with CIs (threshold chosen on val), plot data and predictions."""
+"""DVC stage `evaluate`: the decision fitted on val (calibration, threshold), then test-split metrics with CIs,
+plot data and predictions."""
 
 import sys
 
@@ -10,7 +11,7 @@ if __name__ == "__main__":
         stage_main(
             "evaluate",
             ["data", "model"],
-            ["out"],
-            lambda p, a: evaluate(a.data, a.model, p.evaluate, a.out, p.train_frozen.weights),
+            ["out", "decision"],
+            lambda p, a: evaluate(a.data, a.model, p.evaluate, a.out, p.train_frozen.weights, a.decision),
         )
     )

@@ -14,9 +14,11 @@ from tlpipe.evaluate.bootstrap import (
     confidence_intervals,
     resample_weights,
     weighted_average_precision,
+    weighted_ece,
     weighted_roc_auc,
 )
 from tlpipe.evaluate.document import classification_metrics
+from tlpipe.evaluate.metrics import calibration_table, expected_calibration_error
 from tlpipe.evaluate.thresholds import predicted_labels
 
 
@@ -59,7 +61,16 @@ def test_confidence_intervals_contain_the_estimate_and_narrow_with_more_images(n
         pred = probs.argmax(axis=1)
         point = classification_metrics(y, probs, [f"c{i}" for i in range(n_classes)])
         ci = confidence_intervals(y, probs, pred, resamples=500, level=0.95, seed=0)
-        expected = {"accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "pr_auc", "log_loss", "brier"}
+        expected = {
+            "accuracy",
+            "balanced_accuracy",
+            "macro_f1",
+            "roc_auc",
+            "pr_auc",
+            "log_loss",
+            "brier",
+            "ece",
+        }
         assert set(ci) == expected | ({"sensitivity", "specificity"} if n_classes == 2 else set())
         for name, (low, high) in ci.items():
             assert low <= point[name] <= high, name
@@ -99,3 +110,16 @@ def test_bootstrap_of_a_thousand_images_takes_seconds() -> None:
     start = time.perf_counter()
     confidence_intervals(y, probs, probs.argmax(axis=1), 1000, 0.95, seed=0)
     assert time.perf_counter() - start < 5
+
+
+def test_weighted_ece_with_every_image_once_is_the_point_estimate() -> None:
+    y, probs = softmax_data(300, 3, seed=4)
+    once = np.ones((1, len(y)))
+    table = calibration_table(y, probs, 10)
+    assert weighted_ece(once, probs, y, 10)[0] == pytest.approx(expected_calibration_error(table))
+    twice_first = once.copy()
+    twice_first[0, :150] = 2  # the first half counted twice: the table of the repeated images
+    doubled = np.concatenate([y[:150], y])
+    doubled_probs = np.concatenate([probs[:150], probs])
+    expected = expected_calibration_error(calibration_table(doubled, doubled_probs, 10))
+    assert weighted_ece(twice_first, probs, y, 10)[0] == pytest.approx(expected)

@@ -132,6 +132,7 @@ def test_metrics_at_the_threshold_and_at_one_half() -> None:
     # the ranking metrics do not depend on the threshold
     assert m["roc_auc"] == pytest.approx(5 / 6)
     assert set(m["ci"]) == {
+        "ece",
         "accuracy",
         "balanced_accuracy",
         "macro_f1",

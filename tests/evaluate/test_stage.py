@@ -82,15 +82,16 @@ def test_metric_key_keeps_only_what_mlflow_accepts() -> None:
     assert {"c__.f1", "a_b.f1", "ok.f1"} <= set(flat)
 
 
-def _colour_model(n_classes: int, path: Path) -> Path:
-    """Mean colour -> class: the fixture's classes are red, green, blue images, so this is always right."""
+def _colour_model(n_classes: int, path: Path, bias: float = 0.0) -> Path:
+    """Mean colour -> class: the fixture's classes are red, green, blue images, so this ranks them right;
+    a ``bias`` (two classes) makes it call red images green at 0.5."""
     inputs = keras.Input((32, 32, 3))
     pooled = keras.layers.GlobalAveragePooling2D()(inputs)
     if n_classes == 2:  # red vs green through one sigmoid unit
         dense = keras.layers.Dense(1, activation="sigmoid")
         outputs = dense(pooled)
         # weak weights keep P(green) away from 0 and 1, so val and test scores spread
-        dense.set_weights([np.array([[-0.01], [0.01], [0.0]]), np.zeros(1)])
+        dense.set_weights([np.array([[-0.01], [0.01], [0.0]]), np.full(1, bias)])
     else:
         dense = keras.layers.Dense(3, activation="softmax")
         outputs = dense(pooled)
@@ -142,6 +143,7 @@ def test_evaluate_writes_metrics_plots_and_predictions(tmp_path: Path) -> None:
         "ci",
         "ci_level",
         "bootstrap_resamples",
+        "calibration",
     ]
     assert metrics["ci"]["accuracy"] == {"low": 1.0, "high": 1.0}
     assert metrics["confusion_matrix"] == [[3, 0, 0], [0, 3, 0], [0, 0, 3]]
@@ -160,7 +162,10 @@ def test_evaluate_writes_metrics_plots_and_predictions(tmp_path: Path) -> None:
     assert sum(int(r["count"]) for r in calibration) == 9
 
     predictions = _read(out / "predictions.csv")
-    assert _columns(out / "predictions.csv") == ["path", "label", "predicted", "p_red", "p_green", "p_blue"]
+    assert _columns(out / "predictions.csv") == [
+        "path", "label", "predicted", "p_red", "p_green", "p_blue", "raw_p_red", "raw_p_green", "raw_p_blue"
+    ]  # fmt: skip
+    assert _columns(out / "calibration_raw.csv") == ["bin", "confidence", "accuracy", "count"]
     manifest = [r for r in _read(data / "manifest.csv") if r["split"] == "test"]
     assert [r["path"] for r in predictions] == [r["path"] for r in manifest]
     assert [r["label"] for r in predictions] == [r["label"] for r in manifest]
@@ -302,3 +307,45 @@ def test_evaluate_logs_a_warning_and_falls_back_when_val_lacks_a_class(tmp_path:
     assert len(summary) == 1
     assert summary[0].startswith("evaluate: test accuracy 1.0000 [1.0000, 1.0000], macro F1 1.0000")
     assert summary[0].endswith("at threshold 0.5000 (youden) on 4 images")
+
+
+def test_predict_and_the_served_model_answer_exactly_as_evaluate_decided(tmp_path: Path) -> None:
+    import base64
+    import io
+
+    import pandas as pd
+
+    from tlpipe.core.constants import LOGGED_MODEL_TAG
+    from tlpipe.model.decision import load_decision
+    from tlpipe.serve.predict import predict
+
+    data = make_augmented(tmp_path / "aug", ["red", "green"], {"val": 6, "test": 6})
+    model = _colour_model(2, tmp_path / "m.keras", bias=3.0)
+    out = tmp_path / "out"
+    metrics = evaluate(data, model, EvaluateParams(bootstrap_resamples=0), out)
+    decision = load_decision(tmp_path / "decision.json")  # beside the model
+    assert decision.calibration == "temperature" and decision.threshold == metrics["threshold"]["value"]
+    assert decision.temperature == metrics["calibration"]["temperature"] != 1.0
+    expected = _read(out / "predictions.csv")
+    # the raw argmax calls every test image green; the decision fitted on val does not
+    assert {r["predicted"] for r in expected} == {"red", "green"}
+    assert all(float(r["raw_p_green"]) > 0.5 for r in expected)
+
+    files = [data / r["path"] for r in expected]
+    buffer = io.StringIO()
+    predict(model, [str(f) for f in files], data / "classes.json", buffer)
+    rows = list(csv.DictReader(io.StringIO(buffer.getvalue())))
+    assert [r["predicted"] for r in rows] == [r["predicted"] for r in expected]
+    numbers = ["p_red", "p_green", "raw_p_red", "raw_p_green"]
+    gap = max(abs(float(r[k]) - float(e[k])) for r, e in zip(rows, expected, strict=True) for k in numbers)
+    assert gap <= 1e-6, gap
+    assert {r["operating_point"] for r in rows} == {decision.operating_point}
+    assert {float(r["val_sensitivity"]) for r in rows} == {decision.val_sensitivity}
+
+    served = mlflow.pyfunc.load_model(f"models:/{mlflow.last_active_run().data.tags[LOGGED_MODEL_TAG]}")
+    images = [base64.b64encode(f.read_bytes()).decode("ascii") for f in files]
+    answer = served.predict(pd.DataFrame({"image": images}))
+    assert list(answer["predicted"]) == [r["predicted"] for r in expected]
+    np.testing.assert_allclose(answer[numbers].to_numpy(), [[float(e[k]) for k in numbers] for e in expected],
+                               rtol=0, atol=1e-6)  # fmt: skip
+    assert set(answer["operating_point"]) == {decision.operating_point}

@@ -83,3 +83,17 @@ def test_two_classes_list_the_val_chosen_operating_points(tmp_path: Path) -> Non
     # without them (more classes, or no val split) there is no such table
     plain = section_of(report(make_inputs(tmp_path / "plain", metrics=BINARY))[0], "headline")
     assert "Other operating points" not in plain
+
+
+def test_the_calibration_and_what_it_changed_are_stated() -> None:
+    from tlpipe.report.metrics_view import calibration_line
+
+    figures = {"ece": 0.143, "brier": 0.12, "log_loss": 1.31}
+    doc = {"method": "temperature", "temperature": 3.2, "n_val": 782, "before": figures,
+           "after": {"ece": 0.031, "brier": 0.08, "log_loss": 0.35}}  # fmt: skip
+    line = calibration_line({"calibration": doc})
+    assert line is not None and "T = 3.2, fitted on 782 val images" in line
+    assert "ece 0.143 -> 0.031" in line and "log_loss 1.310 -> 0.350" in line
+    none = calibration_line({"calibration": {**doc, "method": "none", "after": figures}})
+    assert none == "Probabilities are the model's own (no calibration): ECE 0.143."
+    assert calibration_line({}) is None

@@ -159,4 +159,4 @@ def test_classes_file_is_refused_with_a_model_uri(images, tmp_path, capsys):
     code = main(["predict", str(images), "--model", "models:/any@champion",
                  "--classes", str(_classes_file(tmp_path))])  # fmt: skip
     assert code == 1
-    assert "--classes is for a .keras model" in capsys.readouterr().err
+    assert "--classes and --decision are for a .keras model" in capsys.readouterr().err

@@ -32,6 +32,15 @@ from tlpipe.data.pixels import load_pixels
 from tlpipe.evaluate.stage import evaluate
 from tlpipe.model import storage
 
+ANSWER_COLUMNS = [
+    "predicted",
+    *(f"p_{c}" for c in CLASSES),
+    *(f"raw_p_{c}" for c in CLASSES),
+    "operating_point",
+    "val_sensitivity",
+    "val_specificity",
+    "error",
+]
 SERVER_START_S = 180
 
 
@@ -66,8 +75,11 @@ def test_pyfunc_classifies_image_bytes_like_the_keras_model_on_pipeline_pixels(f
     images = [b64(png), b64(jpg), "not base64 at all!", b64(b"GIF89a, but truncated")]
     out = model.predict(pd.DataFrame({"image": images}))
 
-    assert list(out.columns) == ["predicted", *(f"p_{c}" for c in CLASSES), "error"]
+    assert list(out.columns) == ANSWER_COLUMNS
     probs = out[[f"p_{c}" for c in CLASSES]].to_numpy()
+    # logged without a decision (as models were before decisions travelled with them): raw and argmax
+    np.testing.assert_array_equal(probs, out[[f"raw_p_{c}" for c in CLASSES]].to_numpy())
+    assert set(out["operating_point"]) == {"argmax"}
     for row, path in ((0, files["png"]), (1, files["jpg"])):
         expected = _keras_probabilities(files, path)
         np.testing.assert_allclose(probs[row], expected, atol=1e-5)
@@ -84,8 +96,8 @@ def test_pyfunc_takes_raw_bytes_and_data_urls_too(files, model_uri):
     png = files["png"].read_bytes()
     out = model.predict(pd.DataFrame({"image": [png, "data:image/png;base64," + b64(png)]}))
     assert list(out["error"]) == ["", ""]
-    np.testing.assert_allclose(out.iloc[0, 1:-1].to_numpy(float), _keras_probabilities(files, files["png"]),
-                               atol=1e-5)  # fmt: skip
+    probs = out[[f"p_{c}" for c in CLASSES]].to_numpy(float)
+    np.testing.assert_allclose(probs[0], _keras_probabilities(files, files["png"]), atol=1e-5)
     assert out.iloc[0].equals(out.iloc[1].rename(0))
 
 
@@ -96,7 +108,7 @@ def test_model_is_logged_as_code_with_signature_example_and_pinned_requirements(
     assert not list(local.rglob("*.pkl"))
     signature = mlflow.models.Model.load(local).signature
     assert signature.inputs.to_dict() == [{"type": "string", "name": "image", "required": True}]
-    assert signature.outputs.input_names() == ["predicted", *(f"p_{c}" for c in CLASSES), "error"]
+    assert signature.outputs.input_names() == ANSWER_COLUMNS
     requirements = (local / "requirements.txt").read_text().split()
     for package in ("keras", "numpy", "pillow", "opencv-python-headless", "albumentations"):
         assert any(r.startswith(f"{package}==") for r in requirements), requirements

@@ -272,6 +272,9 @@ class FineTuneParams(TrainingPhaseParams):
 
 class EvaluateParams(Section):
     batch_size: int = Field(64, ge=1)
+    # fitted on val and saved with the model (models/decision.json), so predict and the served model
+    # give the probabilities evaluate measured: temperature scaling, or none
+    calibration: Literal["temperature", "none"] = "temperature"
     # two classes: how the cut-off on P(class 1) is set. It is chosen on the val split and then
     # applied to test, so the test metrics stay an honest estimate; more classes take the argmax
     threshold: Literal["youden", "target_sensitivity", "fixed"] = "youden"

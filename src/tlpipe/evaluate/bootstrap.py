@@ -13,6 +13,7 @@ import numpy as np
 
 from tlpipe.evaluate.metrics import (
     brier_per_image,
+    confidence_bins,
     confusion_counts,
     confusion_metrics,
     log_loss_per_image,
@@ -30,6 +31,7 @@ CI_METRICS = (
     "pr_auc",
     "log_loss",
     "brier",
+    "ece",
 )
 # bootstrap weights are processed this many cells (resamples x images) at a time, bounding memory
 _BOOTSTRAP_CELLS = 4_000_000
@@ -76,8 +78,18 @@ def weighted_average_precision(scores: np.ndarray, positives: np.ndarray, weight
         return np.where(n_pos > 0, (pos * precision).sum(axis=1) / n_pos, np.nan)
 
 
+def weighted_ece(weights: np.ndarray, probs: np.ndarray, y_true: np.ndarray, bins: int) -> np.ndarray:
+    """The expected calibration error of each resample: sum over bins of |accuracy - confidence|
+    weighted by the bin's share, i.e. |sum(correct) - sum(confidence)| per bin over all images."""
+    confidence = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == y_true).astype(np.float64)
+    onehot = np.eye(bins)[confidence_bins(confidence, bins)]
+    gap = np.abs(weights @ (onehot * correct[:, None]) - weights @ (onehot * confidence[:, None]))
+    return gap.sum(axis=1) / weights.sum(axis=1)
+
+
 def bootstrap_samples(
-    y_true: np.ndarray, probs: np.ndarray, y_pred: np.ndarray, resamples: int, seed: int
+    y_true: np.ndarray, probs: np.ndarray, y_pred: np.ndarray, resamples: int, seed: int, bins: int = 10
 ) -> dict[str, np.ndarray]:
     """Each CI metric on ``resamples`` bootstrap resamples of the test images; NaN where undefined.
 
@@ -107,6 +119,7 @@ def bootstrap_samples(
         values["pr_auc"] = np.where(np.isnan(values["roc_auc"]), np.nan, ap)
         values["log_loss"] = weights @ losses / drawn
         values["brier"] = weights @ brier / drawn
+        values["ece"] = weighted_ece(weights, probs, y_true, bins)
         for name, value in values.items():
             chunks[name].append(value)
     return {name: np.concatenate(parts) for name, parts in chunks.items() if parts}
@@ -123,10 +136,16 @@ def percentile_interval(samples: np.ndarray, level: float) -> list[float] | None
 
 
 def confidence_intervals(
-    y_true: np.ndarray, probs: np.ndarray, y_pred: np.ndarray, resamples: int, level: float, seed: int
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    y_pred: np.ndarray,
+    resamples: int,
+    level: float,
+    seed: int,
+    bins: int = 10,
 ) -> dict[str, list[float] | None]:
     """Bootstrap percentile intervals of the CI metrics ({} with no resamples)."""
     if resamples == 0:
         return {}
-    samples = bootstrap_samples(y_true, probs, y_pred, resamples, seed)
+    samples = bootstrap_samples(y_true, probs, y_pred, resamples, seed, bins)
     return {name: percentile_interval(values, level) for name, values in samples.items()}

@@ -86,6 +86,7 @@ def evaluation_metrics(
         params.bootstrap_resamples,
         params.ci_level,
         params.seed,
+        params.calibration_bins,
     )
     # {low, high} rather than a list: `dvc metrics show/diff` leaves lists out
     metrics["ci"] = {k: None if v is None else {"low": v[0], "high": v[1]} for k, v in intervals.items()}

@@ -121,7 +121,7 @@ def calibration_table(y_true: np.ndarray, probs: np.ndarray, bins: int) -> list[
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == y_true
     edges = np.linspace(0.0, 1.0, bins + 1)
-    index = np.searchsorted(edges[1:-1], confidence, side="left")
+    index = confidence_bins(confidence, bins)
     rows = []
     for b in range(bins):
         chosen = index == b
@@ -135,6 +135,12 @@ def calibration_table(y_true: np.ndarray, probs: np.ndarray, bins: int) -> list[
                 }
             )
     return rows
+
+
+def confidence_bins(confidence: np.ndarray, bins: int) -> np.ndarray:
+    """Each confidence's equal-width bin, (low, high] with the first one closed."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    return np.searchsorted(edges[1:-1], confidence, side="left")
 
 
 def expected_calibration_error(table: list[dict]) -> float:

@@ -18,14 +18,16 @@ from tlpipe.core import constants as C
 from tlpipe.core import tracking
 from tlpipe.core.config import EvaluateParams, section_dict
 from tlpipe.core.files import atomic_dir, path_digest, write_csv, write_json
+from tlpipe.evaluate.decide import CALIBRATION_METRICS, calibration_document, fit_decision
 from tlpipe.evaluate.document import evaluation_metrics
 from tlpipe.evaluate.metrics import calibration_table, pr_points, roc_points
-from tlpipe.evaluate.thresholds import choose_threshold, operating_points, predicted_labels
+from tlpipe.evaluate.thresholds import operating_points
 
 if TYPE_CHECKING:
     import keras
 
     from tlpipe.data.datasets import SplitData
+    from tlpipe.model.decision import Decided
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +78,10 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
             for name, interval in value.items():
                 if interval is not None:
                     flat[f"ci.{name}.low"], flat[f"ci.{name}.high"] = interval["low"], interval["high"]
+        elif key == "calibration":
+            flat["calibration.temperature"] = value["temperature"]
+            for phase in ("before", "after"):
+                flat |= {f"calibration.{phase}.{k}": value[phase][k] for k in CALIBRATION_METRICS}
         elif key == "operating_points":
             for name, point in value.items():
                 logged = (k for k in OPERATING_POINT_LOGGED if _is_number(point.get(k)))
@@ -99,35 +105,30 @@ def predict_probabilities(model: keras.Model, data: SplitData, batch_size: int) 
     return probabilities(model, image_dataset(data, batch_size, with_labels=False))
 
 
-def prediction_rows(
-    data: SplitData, probs: np.ndarray, y_pred: np.ndarray, names: list[str]
-) -> Iterator[dict]:
-    """predictions.csv rows: each image's path, label, predicted class and class probabilities."""
-    for path, label, pred, row in zip(data.rel_paths, data.labels, y_pred, probs, strict=True):
+def prediction_fields(names: list[str]) -> tuple[str, ...]:
+    return ("path", "label", "predicted", *[f"p_{c}" for c in names], *[f"raw_p_{c}" for c in names])
+
+
+def prediction_rows(data: SplitData, decided: Decided, names: list[str]) -> Iterator[dict]:
+    """predictions.csv rows: each image's path, label, decided class, calibrated and raw probabilities."""
+    rows = zip(data.rel_paths, data.labels, decided.labels, decided.probabilities, decided.raw, strict=True)
+    for path, label, pred, probs, raw in rows:
         yield {
             "path": path,
             "label": names[label],
             "predicted": names[pred],
-            **{f"p_{c}": float(v) for c, v in zip(names, row, strict=True)},
+            **{f"p_{c}": float(v) for c, v in zip(names, probs, strict=True)},
+            **{f"raw_p_{c}": float(v) for c, v in zip(names, raw, strict=True)},
         }
 
 
 def write_outputs(
-    scratch: Path,
-    test: SplitData,
-    probs: np.ndarray,
-    y_pred: np.ndarray,
-    metrics: dict,
-    names: list[str],
-    bins: int,
+    scratch: Path, test: SplitData, decided: Decided, metrics: dict, names: list[str], bins: int
 ) -> None:
     """metrics.json, predictions, and the confusion, ROC, PR and calibration plot data."""
+    probs, y_pred = decided.probabilities, decided.labels
     write_json(scratch / "metrics.json", metrics)
-    write_csv(
-        scratch / "predictions.csv",
-        prediction_rows(test, probs, y_pred, names),
-        ("path", "label", "predicted", *[f"p_{c}" for c in names]),
-    )
+    write_csv(scratch / "predictions.csv", prediction_rows(test, decided, names), prediction_fields(names))
     write_csv(
         scratch / "confusion.csv",
         ({"actual": names[t], "predicted": names[p]} for t, p in zip(test.labels, y_pred, strict=True)),
@@ -141,11 +142,13 @@ def write_outputs(
         (scratch / folder).mkdir()
         for cls, points in curves.items():
             write_csv(scratch / folder / f"{cls}.csv", points, fields)
-    write_csv(
-        scratch / "calibration.csv",
-        calibration_table(test.labels, probs, bins),
-        ("bin", "confidence", "accuracy", "count"),
-    )
+    # the reliability diagram after calibration, and before it (the model's own probabilities)
+    for name, table in (("calibration.csv", probs), ("calibration_raw.csv", decided.raw)):
+        write_csv(
+            scratch / name,
+            calibration_table(test.labels, table, bins),
+            ("bin", "confidence", "accuracy", "count"),
+        )
 
 
 def evaluate(
@@ -154,8 +157,10 @@ def evaluate(
     params: EvaluateParams,
     out_dir: Path,
     backbone_weights: str = "imagenet",
+    decision_out: Path | None = None,
 ) -> dict:
-    """The evaluate stage: metrics.json, plot data and per-image predictions for the test split.
+    """The evaluate stage: the decision fitted on val (``decision_out``, default beside the model), then
+    metrics.json, plot data and per-image predictions for the test split.
 
     ``backbone_weights`` (train_frozen.weights) tags the MLflow run as ``tlpipe.weights``,
     so a report can tell a from-scratch baseline (``none``) from a transfer run.
@@ -164,40 +169,52 @@ def evaluate(
     import mlflow
 
     from tlpipe.data.datasets import load_augmented
+    from tlpipe.model.decision import decision_path, save_decision
     from tlpipe.model.storage import load_model
     from tlpipe.serve.pyfunc import log_raw_image_model
 
+    decision_out = decision_path(model_path) if decision_out is None else decision_out
     data = load_augmented(augmented_dir)
     names = data.classes
     test = data.split("test")
-    # only two classes have a threshold to choose; a rule other than fixed needs val, the operating
-    # points use it when it is there
+    # val fits the calibration and, for two classes, the threshold; a two-class rule other than fixed
+    # cannot do without it (load_augmented then says the split is missing)
     has_val = "val" in data.splits and bool(data.splits["val"].paths)
-    val = data.split("val") if len(names) == 2 and (params.threshold != "fixed" or has_val) else None
+    needs_val = len(names) == 2 and params.threshold != "fixed"
+    val = data.split("val") if has_val or needs_val else None
     model = load_model(model_path)
     run_params = {**section_dict(params, "evaluate"), "train_frozen.weights": backbone_weights}
     # the model's digest: how `tlpipe promote` finds the run that evaluated it
     run_tags = {C.WEIGHTS_TAG: backbone_weights, C.MODEL_DIGEST_TAG: path_digest(model_path)}
     with tracking.stage_run("evaluate", run_params, tags=run_tags):
-        probs = predict_probabilities(model, test, params.batch_size)
-        threshold = operating = None
-        if len(names) == 2:
-            p_val = None if val is None else predict_probabilities(model, val, params.batch_size)[:, 1]
-            threshold = choose_threshold(params, None if val is None else val.labels, p_val)
-            if threshold["chosen_on"] == "fallback":
-                logger.warning("evaluate: warning: threshold 0.5 used: %s", threshold["reason"])
-            if val is not None and p_val is not None:
-                operating = operating_points(params, val.labels, p_val, test.labels, probs[:, 1])
+        raw_val = None if val is None else predict_probabilities(model, val, params.batch_size)
+        decision, threshold = fit_decision(params, names, None if val is None else val.labels, raw_val)
+        if threshold is not None and threshold["chosen_on"] == "fallback":
+            logger.warning("evaluate: warning: threshold 0.5 used: %s", threshold["reason"])
+        # the test split is scored only now, through the decision as predict and the served model apply it
+        decided = decision.apply(predict_probabilities(model, test, params.batch_size))
+        probs = decided.probabilities
+        operating = None
+        if len(names) == 2 and val is not None and raw_val is not None:
+            p_val = decision.calibrate(raw_val)[:, 1]
+            operating = operating_points(params, val.labels, p_val, test.labels, probs[:, 1])
         metrics = evaluation_metrics(test.labels, probs, names, params, threshold, operating)
-        y_pred = predicted_labels(probs, None if threshold is None else threshold["value"])
+        n_val = 0 if val is None else len(val.labels)
+        metrics["calibration"] = calibration_document(
+            decision, n_val, test.labels, decided.raw, probs, params
+        )
         with atomic_dir(Path(out_dir)) as scratch:
-            write_outputs(scratch, test, probs, y_pred, metrics, names, params.calibration_bins)
+            write_outputs(scratch, test, decided, metrics, names, params.calibration_bins)
+        save_decision(decision, Path(decision_out))
         tracking.log_metrics(flat_metrics(metrics))
         tracking.log_pipeline_metrics(flat_metrics(metrics))
         tracking.log_artifact(str(Path(out_dir) / "metrics.json"))
-        # the same model taking image files: what `mlflow models serve` and the registry get
+        # the same model taking image files, with its decision: what `mlflow models serve` and the registry get
         served = log_raw_image_model(
-            model_path, Path(augmented_dir) / "classes.json", Path(test.paths[0]).read_bytes()
+            model_path,
+            Path(augmented_dir) / "classes.json",
+            Path(test.paths[0]).read_bytes(),
+            decision_path=Path(decision_out),
         )
         mlflow.set_tag(C.LOGGED_MODEL_TAG, served.model_id)
     logger.info(summary_line(metrics))

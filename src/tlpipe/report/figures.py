@@ -137,8 +137,14 @@ def plot_pr(curves: dict[str, list[dict]]) -> Figure:
     return fig
 
 
-def plot_reliability(table: list[dict[str, float]], ece: float | None) -> Figure:
-    """Accuracy against stated confidence per bin (on the diagonal: calibrated), with bin sizes below."""
+def plot_reliability(
+    table: list[dict[str, float]],
+    ece: float | None,
+    raw: list[dict[str, float]] | None = None,
+    raw_ece: float | None = None,
+) -> Figure:
+    """Accuracy against stated confidence per bin (on the diagonal: calibrated), with bin sizes below;
+    with ``raw``, the model's own probabilities before calibration beside the calibrated ones."""
     fig, (top, bottom) = plt.subplots(
         2, 1, figsize=(4.8, 5.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
     )
@@ -147,8 +153,14 @@ def plot_reliability(table: list[dict[str, float]], ece: float | None) -> Figure
     counts = np.array([r["count"] for r in table], dtype=np.float64)
     # marker area by bin size: a bin of three images should not catch the eye like one of three hundred
     sizes = 15 + 185 * counts / counts.max()
+    if raw:
+        before = [r["confidence"] for r in raw]
+        label = "before calibration" + ("" if raw_ece is None else f" (ECE {raw_ece:.3f})")
+        top.plot(before, [r["accuracy"] for r in raw], "--", color="tab:grey", lw=0.8, alpha=0.7)
+        top.scatter(before, [r["accuracy"] for r in raw], s=12, color="tab:grey", label=label, zorder=2)
     top.plot(confidence, [r["accuracy"] for r in table], "-", color="tab:red", lw=0.8, alpha=0.5)
-    top.scatter(confidence, [r["accuracy"] for r in table], s=sizes, color="tab:red", label="model", zorder=3)
+    label = "calibrated" if raw else "model"
+    top.scatter(confidence, [r["accuracy"] for r in table], s=sizes, color="tab:red", label=label, zorder=3)
     top.set_ylabel("accuracy in bin")
     top.set_ylim(0, 1.02)
     top.set_title("reliability (test)" + ("" if ece is None else f": ECE {ece:.3f}"))

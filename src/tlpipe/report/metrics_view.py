@@ -182,6 +182,23 @@ OPERATING_POINTS_NOTE = (
 )
 
 
+def calibration_line(metrics: dict) -> str | None:
+    """How the probabilities were calibrated and what it changed on test (metrics.json's calibration)."""
+    doc = metrics.get("calibration")
+    if not doc:
+        return None
+    before, after = doc["before"], doc["after"]
+    change = ", ".join(
+        f"{name} {before[name]:.3f} -> {after[name]:.3f}" for name in ("ece", "brier", "log_loss")
+    )
+    if doc["method"] == "none":
+        return f"Probabilities are the model's own (no calibration): ECE {after['ece']:.3f}."
+    return (
+        f"Probabilities calibrated by temperature scaling (T = {doc['temperature']:.3g}, fitted on "
+        f"{doc['n_val']} val images; predict and the served model apply the same): on test, {change}."
+    )
+
+
 def headline_blocks(metrics: dict, classes: list[str]) -> list[Block]:
     """The "Test metrics" section: the headline table, how decisions were made, other cut-offs."""
     blocks: list[Block] = [Table(headline(metrics, classes), "headline")]
@@ -190,6 +207,9 @@ def headline_blocks(metrics: dict, classes: list[str]) -> list[Block]:
     rule = decision_rule(metrics, classes)
     if rule:
         blocks.append(Paragraph(rule))
+    calibrated = calibration_line(metrics)
+    if calibrated:
+        blocks.append(Paragraph(calibrated))
     at_half = at_half_table(metrics)
     if at_half:
         blocks += [Paragraph("The same decision metrics at the conventional cut-off of 0.5:"), Table(at_half)]

@@ -14,7 +14,7 @@ from pathlib import Path
 import jinja2
 
 from tlpipe.report.comparison import Comparison, RunFigures, comparison_line
-from tlpipe.report.metrics_view import decision_rule, headline, metrics_table
+from tlpipe.report.metrics_view import calibration_line, decision_rule, headline, metrics_table
 from tlpipe.report.page import Section
 
 TEMPLATE = "report.html.j2"
@@ -70,6 +70,9 @@ def render_markdown(
     rule = decision_rule(metrics, classes)
     if rule:
         parts.append(rule)
+    calibrated = calibration_line(metrics)
+    if calibrated:
+        parts.append(calibrated)
     if len(classes) <= MARKDOWN_MAX_CLASSES and metrics.get("per_class"):
         parts.append(md_table(metrics_table(metrics)))
     parts.append(comparison_line(this, comparison))

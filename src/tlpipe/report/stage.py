@@ -71,11 +71,14 @@ def build_sections(
         curves.append(Figure("roc", figure_to_data_uri(plot_roc(roc))))
     if pr:
         curves.append(Figure("pr", figure_to_data_uri(plot_pr(pr))))
-    calibration = inputs.numeric_rows(evaluation_dir / "calibration.csv", ("confidence", "accuracy", "count"))
+    fields = ("confidence", "accuracy", "count")
+    calibration = inputs.numeric_rows(evaluation_dir / "calibration.csv", fields)
     if calibration:
-        curves.append(
-            Figure("reliability", figure_to_data_uri(plot_reliability(calibration, metrics.get("ece"))))
-        )
+        # a run evaluated before calibration existed has no raw table
+        raw = inputs.numeric_rows(evaluation_dir / "calibration_raw.csv", fields)
+        raw_ece = ((metrics.get("calibration") or {}).get("before") or {}).get("ece")
+        figure = plot_reliability(calibration, metrics.get("ece"), raw, raw_ece)
+        curves.append(Figure("reliability", figure_to_data_uri(figure)))
     training = []
     if frozen or fine:
         training.append(Figure("training", figure_to_data_uri(plot_training_curves(frozen, fine))))

@@ -32,6 +32,14 @@ from tlpipe.core.errors import PipelineError
 from tlpipe.core.files import read_json
 from tlpipe.core.images import IMAGE_EXTENSIONS, Rejected
 from tlpipe.data.pixels import load_pixels
+from tlpipe.model.decision import (
+    DECISION_FILE,
+    OPERATING_COLUMNS,
+    Decision,
+    argmax_decision,
+    decision_path,
+    load_decision,
+)
 
 BATCH = 32
 DEFAULT_MODEL = "models/model.keras"
@@ -98,22 +106,43 @@ def _flush(
             yield next(classified)
 
 
-def predict_rows(model, files: Sequence[Path], classes: list[str], progress: bool) -> Iterator[dict]:
-    """One CSV row per file with a Keras model: predicted class and probabilities, or the reason."""
+def output_fields(classes: list[str]) -> list[str]:
+    """The CSV's columns: what the served model answers, with the file's path first."""
+    return [
+        "path",
+        "predicted",
+        *(f"p_{c}" for c in classes),
+        *(f"raw_p_{c}" for c in classes),
+        *OPERATING_COLUMNS,
+        "error",
+    ]
+
+
+def predict_rows(model, files: Sequence[Path], decision: Decision, progress: bool) -> Iterator[dict]:
+    """One CSV row per file with a Keras model, through its decision: the decided class, calibrated and
+    raw probabilities, the operating point; or the reason the file could not be read."""
     size = int(model.input_shape[1])
+    classes = decision.classes
 
     def classify(batch: list[tuple[Path, np.ndarray]]) -> Iterator[dict]:
         from tlpipe.model.inference import (
             probabilities,  # TensorFlow: only once there is something to classify
         )
 
-        probs = probabilities(model, np.stack([pixels for _, pixels in batch]), len(classes))
-        for (path, _), row in zip(batch, probs, strict=True):
+        decided = decision.apply(
+            probabilities(model, np.stack([pixels for _, pixels in batch]), len(classes))
+        )
+        operating = _operating(decision)
+        for (path, _), label, probs, raw in zip(
+            batch, decided.labels, decided.probabilities, decided.raw, strict=True
+        ):
             yield {
                 "path": str(path),
-                "predicted": classes[int(row.argmax())],
+                "predicted": classes[int(label)],
                 "error": "",
-                **{f"p_{c}": f"{p:.6f}" for c, p in zip(classes, row, strict=True)},
+                **{f"p_{c}": float(p) for c, p in zip(classes, probs, strict=True)},
+                **{f"raw_p_{c}": float(p) for c, p in zip(classes, raw, strict=True)},
+                **operating,
             }
 
     return _batched_rows(files, lambda path: load_pixels(path, size), classify, progress)
@@ -172,8 +201,17 @@ def file_bytes(path: Path) -> bytes:
     return data
 
 
+def _operating(decision: Decision) -> dict[str, object]:
+    return {
+        "operating_point": decision.operating_point,
+        "val_sensitivity": "" if decision.val_sensitivity is None else decision.val_sensitivity,
+        "val_specificity": "" if decision.val_specificity is None else decision.val_specificity,
+    }
+
+
 def logged_model_rows(model, files: Sequence[Path], classes: list[str], progress: bool) -> Iterator[dict]:
-    """One CSV row per file with a logged raw-image model, which is sent each batch's bytes."""
+    """One CSV row per file with a logged raw-image model, which is sent each batch's bytes; a model
+    logged before decisions travelled with models has no raw or operating-point columns."""
     import pandas as pd
 
     from tlpipe.serve.pyfunc import IMAGE_COLUMN
@@ -183,12 +221,15 @@ def logged_model_rows(model, files: Sequence[Path], classes: list[str], progress
         out = model.predict(pd.DataFrame({IMAGE_COLUMN: images}))
         for (path, _), row in zip(batch, out.to_dict("records"), strict=True):
             error = str(row.get("error") or "")
-            scores = {} if error else {f"p_{c}": f"{float(row[f'p_{c}']):.6f}" for c in classes}
+            numbers = [f"p_{c}" for c in classes] + [f"raw_p_{c}" for c in classes]
+            scores = {} if error else {k: float(row[k]) for k in numbers if k in row}
+            operating = {} if error else {k: _blank_nan(row[k]) for k in OPERATING_COLUMNS if k in row}
             yield {
                 "path": str(path),
                 "predicted": "" if error else row["predicted"],
                 "error": error,
                 **scores,
+                **operating,
             }
 
     return _batched_rows(files, file_bytes, classify, progress)
@@ -197,33 +238,62 @@ def logged_model_rows(model, files: Sequence[Path], classes: list[str], progress
 # ---- the command ----------------------------------------------------------------------------
 
 
-def predict(model: str | Path, paths: Sequence[str], classes_path: Path | None, out) -> tuple[int, int]:
+def _blank_nan(value: object) -> object:
+    return "" if isinstance(value, float) and value != value else value
+
+
+def local_decision(model: Path, classes: list[str], decision_file: Path | None) -> Decision:
+    """The decision saved beside a ``.keras`` model (or at ``decision_file``), checked against its classes.
+
+    A model without one answers with its raw probabilities and the argmax, and the log says so.
+    """
+    path = decision_file or decision_path(model)
+    if decision_file is None and not path.is_file():
+        logger.warning(
+            "tlpipe predict: no %s beside %s: raw probabilities and the most probable class, "
+            "not the calibrated decision evaluate measured", DECISION_FILE, model,
+        )  # fmt: skip
+        return argmax_decision(classes)
+    decision = load_decision(path)
+    if decision.classes != list(classes):
+        raise PipelineError(f"{path} is for classes {decision.classes}, the model's are {classes}")
+    return decision
+
+
+def predict(
+    model: str | Path,
+    paths: Sequence[str],
+    classes_path: Path | None,
+    out,
+    decision_file: Path | None = None,
+) -> tuple[int, int]:
     """Write the CSV to ``out``; returns (classified, unreadable).
 
     ``model`` is a ``.keras`` file (``classes_path`` names its classes; default
-    data/augmented/classes.json) or an MLflow model URI (``classes_path`` must be None).
+    data/augmented/classes.json; its decision is ``decision_file``, default the
+    ``decision.json`` beside it) or an MLflow model URI, which carries both
+    (``classes_path`` and ``decision_file`` must be None).
     """
-    if is_mlflow_model(model) and classes_path is not None:
-        raise PipelineError(f"--classes is for a .keras model; {model} names its own classes")
+    if is_mlflow_model(model) and (classes_path is not None or decision_file is not None):
+        raise PipelineError(f"--classes and --decision are for a .keras model; {model} carries its own")
     files = image_files(paths)
     if not files:
         raise PipelineError(f"no image files in {', '.join(map(str, paths))}")
+    progress = any(Path(p).is_dir() for p in paths)
     if is_mlflow_model(model):
         loaded = load_logged_model(str(model))
         classes = logged_classes(loaded, str(model))
-        rows_for = logged_model_rows
+        rows = logged_model_rows(loaded, files, classes, progress)
     else:
         from tlpipe.model.storage import load_model
 
         classes = read_json(classes_path or DEFAULT_CLASSES)
-        loaded = load_model(Path(model))
-        rows_for = predict_rows
-    writer = csv.DictWriter(out, fieldnames=["path", "predicted", *(f"p_{c}" for c in classes), "error"],
-                            lineterminator="\n")  # fmt: skip
+        decision = local_decision(Path(model), classes, decision_file)
+        rows = predict_rows(load_model(Path(model)), files, decision, progress)
+    writer = csv.DictWriter(out, fieldnames=output_fields(classes), lineterminator="\n")
     writer.writeheader()
     done = failed = 0
-    progress = any(Path(p).is_dir() for p in paths)
-    for row in rows_for(loaded, files, classes, progress):
+    for row in rows:
         writer.writerow(row)
         failed += bool(row["error"])
         done += not row["error"]
@@ -244,15 +314,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"class names of a .keras model (default: {DEFAULT_CLASSES}); not for a model URI",
     )
+    parser.add_argument(
+        "--decision",
+        type=Path,
+        default=None,
+        help="the calibration and decision rule of a .keras model (default: decision.json beside it, "
+        "written by the evaluate stage); not for a model URI",
+    )
     parser.add_argument("--out", type=Path, default=None, help="CSV file (default: standard output)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.out is None:
-        done, failed = predict(args.model, args.paths, args.classes, sys.stdout)
+        done, failed = predict(args.model, args.paths, args.classes, sys.stdout, args.decision)
     else:
         with open(args.out, "w", newline="", encoding="utf-8") as fh:
-            done, failed = predict(args.model, args.paths, args.classes, fh)
+            done, failed = predict(args.model, args.paths, args.classes, fh, args.decision)
     note = f"; {failed} unreadable (see the error column)" if failed else ""
     logger.info("tlpipe predict: %d images classified%s", done, note)
     return 0

@@ -3,9 +3,11 @@
 ``mlflow.pyfunc.load_model(uri).predict(df)`` and ``mlflow models serve -m uri``
 take a DataFrame with a column ``image`` holding image files (PNG, JPEG, ...) as
 base64 text (or bytes), decode and resize them exactly as ``tlpipe predict``
-and the augment stage do, and answer one row per image: ``predicted``, one
-``p_<class>`` probability per class and ``error`` (empty, or why that image
-could not be read; its probabilities are then NaN). One bad image never fails
+and the augment stage do, and answer one row per image through the decision the
+evaluate stage fitted (``decision.json``): ``predicted``, the calibrated
+``p_<class>`` and the model's own ``raw_p_<class>`` per class, the
+``operating_point`` with its ``val_sensitivity`` and ``val_specificity``, and
+``error`` (empty, or why that image could not be read; its numbers are then NaN). One bad image never fails
 the batch. A request to the scoring server::
 
     {"dataframe_split": {"columns": ["image"], "data": [["iVBORw0KGgo..."]]}}
@@ -33,6 +35,7 @@ from mlflow.pyfunc import PythonModel
 from tlpipe.core.files import read_json
 from tlpipe.core.images import Rejected
 from tlpipe.data.pixels import bytes_pixels
+from tlpipe.model.decision import Decision, argmax_decision, load_decision
 from tlpipe.model.inference import probabilities
 
 IMAGE_COLUMN = "image"
@@ -56,8 +59,10 @@ def image_bytes(value: object) -> bytes:
         raise Rejected(f"not base64: {err}") from None
 
 
-def classify_images(model, classes: list[str], images: Iterable[object]) -> pd.DataFrame:
-    """One row per image: predicted class, a probability per class and the error, if any."""
+def classify_images(model, decision: Decision, images: Iterable[object]) -> pd.DataFrame:
+    """One row per image: the decided class, calibrated and raw probabilities per class, the operating
+    point, and the error, if any."""
+    classes = decision.classes
     size = int(model.input_shape[1])
     errors: list[str] = []
     pixels: list[np.ndarray] = []
@@ -68,13 +73,31 @@ def classify_images(model, classes: list[str], images: Iterable[object]) -> pd.D
         except Rejected as err:
             errors.append(str(err))
     ok = np.array([not e for e in errors], dtype=bool)
-    table = np.full((len(errors), len(classes)), np.nan)
+    calibrated = np.full((len(errors), len(classes)), np.nan)
+    raw = calibrated.copy()
+    labels = np.zeros(len(errors), dtype=np.int64)
     if pixels:
-        table[ok] = probabilities(model, np.stack(pixels), len(classes))
-    predicted = [classes[int(row.argmax())] if good else "" for row, good in zip(table, ok, strict=True)]
+        decided = decision.apply(probabilities(model, np.stack(pixels), len(classes)))
+        calibrated[ok], raw[ok], labels[ok] = decided.probabilities, decided.raw, decided.labels
     return pd.DataFrame(
-        {"predicted": predicted, **{f"p_{c}": table[:, k] for k, c in enumerate(classes)}, "error": errors}
+        {
+            "predicted": [classes[k] if good else "" for k, good in zip(labels, ok, strict=True)],
+            **{f"p_{c}": calibrated[:, k] for k, c in enumerate(classes)},
+            **{f"raw_p_{c}": raw[:, k] for k, c in enumerate(classes)},
+            **operating_columns(decision, len(errors)),
+            "error": errors,
+        }
     )
+
+
+def operating_columns(decision: Decision, n: int) -> dict[str, list]:
+    """The operating point's name and its val sensitivity and specificity, repeated per image."""
+    nan = float("nan")
+    return {
+        "operating_point": [decision.operating_point] * n,
+        "val_sensitivity": [nan if decision.val_sensitivity is None else decision.val_sensitivity] * n,
+        "val_specificity": [nan if decision.val_specificity is None else decision.val_specificity] * n,
+    }
 
 
 class RawImageClassifier(PythonModel):
@@ -84,18 +107,29 @@ class RawImageClassifier(PythonModel):
         from tlpipe.model.storage import load_model  # Keras safe mode
 
         self.model = load_model(Path(context.artifacts["keras_model"]))
-        self.classes = [str(c) for c in read_json(Path(context.artifacts["classes"]))]
+        classes = [str(c) for c in read_json(Path(context.artifacts["classes"]))]
+        # models logged before the decision travelled with them answer as they did: raw argmax
+        saved = context.artifacts.get("decision")
+        self.decision = load_decision(Path(saved)) if saved else argmax_decision(classes)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        return classify_images(self.model, self.classes, model_input[IMAGE_COLUMN])
+        return classify_images(self.model, self.decision, model_input[IMAGE_COLUMN])
 
 
 def signature(classes: list[str]):
-    """Input: a string column ``image``; output: predicted, p_<class> per class, error."""
+    """Input: a string column ``image``; output: predicted, p_<class> and raw_p_<class> per class, the
+    operating point and its val sensitivity and specificity, error."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    outputs = [ColSpec("string", "predicted"), *(ColSpec("double", f"p_{c}") for c in classes)]
+    outputs = [
+        ColSpec("string", "predicted"),
+        *(ColSpec("double", f"p_{c}") for c in classes),
+        *(ColSpec("double", f"raw_p_{c}") for c in classes),
+        ColSpec("string", "operating_point"),
+        ColSpec("double", "val_sensitivity"),
+        ColSpec("double", "val_specificity"),
+    ]
     return ModelSignature(
         inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
         outputs=Schema([*outputs, ColSpec("string", "error")]),
@@ -122,7 +156,11 @@ def serving_requirements() -> list[str]:
 
 
 def log_raw_image_model(
-    model_path: Path, classes_path: Path, example_image_bytes: bytes, name: str = "classifier"
+    model_path: Path,
+    classes_path: Path,
+    example_image_bytes: bytes,
+    name: str = "classifier",
+    decision_path: Path | None = None,
 ):
     """Log the raw-image pyfunc model in the active MLflow run; returns its ModelInfo.
 
@@ -135,7 +173,11 @@ def log_raw_image_model(
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=str(MODEL_CODE),
-        artifacts={"keras_model": str(model_path), "classes": str(classes_path)},
+        artifacts={
+            "keras_model": str(model_path),
+            "classes": str(classes_path),
+            **({"decision": str(decision_path)} if decision_path else {}),
+        },
         signature=signature(classes),
         input_example=example,
         pip_requirements=serving_requirements(),

@@ -1,0 +1,92 @@
+"""Fitting the decision on the val split: the calibration first, then the two-class threshold on the
+calibrated probabilities; and how much the calibration changed the test probabilities' quality.
+
+The test split is never used here: the decision is fixed before the test split is scored.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tlpipe.core.config import EvaluateParams
+from tlpipe.evaluate.bootstrap import confidence_intervals
+from tlpipe.evaluate.metrics import (
+    brier_per_image,
+    calibration_table,
+    expected_calibration_error,
+    log_loss_per_image,
+)
+from tlpipe.evaluate.thresholds import choose_threshold, predicted_labels
+from tlpipe.model.decision import Decision, fit_temperature, scale_temperature
+
+CALIBRATION_METRICS = ("ece", "brier", "log_loss")
+
+
+def fit_decision(
+    params: EvaluateParams, classes: list[str], y_val: np.ndarray | None, raw_val: np.ndarray | None
+) -> tuple[Decision, dict | None]:
+    """The decision, and for two classes the threshold document metrics.json keeps."""
+    usable = y_val is not None and raw_val is not None and len(np.unique(y_val)) > 1
+    method = "temperature" if params.calibration == "temperature" and usable else "none"
+    temperature = 1.0
+    if method == "temperature" and raw_val is not None and y_val is not None:
+        temperature = fit_temperature(raw_val, y_val)
+    if len(classes) != 2:
+        return Decision(classes=list(classes), calibration=method, temperature=temperature), None
+    p_val = None if raw_val is None else scale_temperature(raw_val, temperature)[:, 1]
+    threshold = choose_threshold(params, y_val, p_val)
+    decision = Decision(
+        classes=list(classes),
+        calibration=method,
+        temperature=temperature,
+        rule=threshold["rule"],
+        threshold=threshold["value"],
+        chosen_on=threshold["chosen_on"],
+        val_sensitivity=threshold.get("val_sensitivity"),
+        val_specificity=threshold.get("val_specificity"),
+    )
+    return decision, threshold
+
+
+def probability_quality(y: np.ndarray, probs: np.ndarray, params: EvaluateParams) -> dict:
+    """ECE, Brier and log loss of ``probs``, each with its bootstrap interval."""
+    y = np.asarray(y, dtype=np.int64)
+    figures: dict = {
+        "ece": expected_calibration_error(calibration_table(y, probs, params.calibration_bins)),
+        "brier": float(brier_per_image(y, probs).mean()),
+        "log_loss": float(log_loss_per_image(y, probs).mean()),
+    }
+    intervals = confidence_intervals(
+        y,
+        probs,
+        predicted_labels(probs),
+        params.bootstrap_resamples,
+        params.ci_level,
+        params.seed,
+        params.calibration_bins,
+    )
+    figures["ci"] = {}
+    for name in CALIBRATION_METRICS:
+        interval = intervals.get(name)
+        if name in intervals:
+            figures["ci"][name] = None if interval is None else {"low": interval[0], "high": interval[1]}
+    return figures
+
+
+def calibration_document(
+    decision: Decision,
+    n_val: int,
+    y_test: np.ndarray,
+    raw: np.ndarray,
+    calibrated: np.ndarray,
+    params: EvaluateParams,
+) -> dict:
+    """metrics.json's ``calibration``: the method, its parameter, and the test figures before and after."""
+    return {
+        "method": decision.calibration,
+        "temperature": decision.temperature,
+        "fitted_on": "val" if decision.calibration != "none" else None,
+        "n_val": n_val,
+        "before": probability_quality(y_test, raw, params),
+        "after": probability_quality(y_test, calibrated, params),
+    }

@@ -1,0 +1,152 @@
+"""The decision that travels with the model: calibration, the decision rule and the class names.
+
+The evaluate stage fits it on the val split and saves it beside the model
+(``models/decision.json``); evaluate, ``tlpipe predict`` and the served model all
+turn the model's raw probabilities into calibrated ones and a label through
+:meth:`Decision.apply`, so for one image they give the same answer.
+
+Calibration is temperature scaling: the model's logits divided by one number ``T``
+fitted on val (``T > 1`` softens over-confident probabilities). It keeps each image's
+most probable class and, for two classes, the ranking of P(class 1), so ROC-AUC is
+unchanged; a two-class threshold is chosen on the calibrated val probabilities and
+applies to calibrated probabilities.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tlpipe.core.errors import PipelineError
+
+DECISION_FILE = "decision.json"  # beside the model file
+CALIBRATIONS = ("none", "temperature")
+# what every answer carries besides the label and probabilities (predict's CSV, the served model)
+OPERATING_COLUMNS = ("operating_point", "val_sensitivity", "val_specificity")
+_EPS = 1e-7  # float32 sigmoids saturate: logits from probabilities are clipped this far from 0 and 1
+_LOG_T_RANGE = (-3.0, 5.0)  # temperatures from 0.05 to 150
+
+
+@dataclass(frozen=True)
+class Decided:
+    labels: np.ndarray  # class index per image
+    probabilities: np.ndarray  # calibrated, (n, n_classes)
+    raw: np.ndarray  # the model's own, (n, n_classes)
+
+
+@dataclass(frozen=True)
+class Decision:
+    classes: list[str]
+    calibration: str = "none"  # none | temperature
+    temperature: float = 1.0
+    rule: str = "argmax"  # argmax, or the two-class threshold rule (youden, target_sensitivity, fixed)
+    threshold: float | None = None  # on the calibrated P(class 1)
+    chosen_on: str = "none"  # val, params, fallback, or none for argmax
+    val_sensitivity: float | None = None
+    val_specificity: float | None = None
+
+    def calibrate(self, raw: np.ndarray) -> np.ndarray:
+        return scale_temperature(raw, self.temperature)
+
+    def labels(self, calibrated: np.ndarray) -> np.ndarray:
+        if self.threshold is None:
+            return calibrated.argmax(axis=1)
+        return (calibrated[:, 1] >= self.threshold).astype(np.int64)
+
+    def apply(self, raw: np.ndarray) -> Decided:
+        raw = np.asarray(raw, dtype=np.float64)
+        if raw.ndim != 2 or raw.shape[1] != len(self.classes):
+            raise PipelineError(
+                f"the decision is for {len(self.classes)} classes, the model gave {raw.shape}"
+            )
+        calibrated = self.calibrate(raw)
+        return Decided(self.labels(calibrated), calibrated, raw)
+
+    @property
+    def operating_point(self) -> str:
+        return self.rule if self.threshold is None else f"{self.rule} (threshold {self.threshold:.4g})"
+
+
+def argmax_decision(classes: list[str]) -> Decision:
+    """What a model without a saved decision gets: its raw probabilities, the most probable class."""
+    return Decision(classes=list(classes))
+
+
+# ------------------------------------------------------------------ temperature scaling
+
+
+def logits(raw: np.ndarray) -> np.ndarray:
+    """Log-probabilities: a softmax of them divided by T is temperature scaling for either head (for a
+    sigmoid's [1 - p, p] it gives sigmoid(logit(p) / T))."""
+    clipped = np.clip(np.asarray(raw, dtype=np.float64), _EPS, 1.0 - _EPS)
+    return np.log(clipped)
+
+
+def scale_temperature(raw: np.ndarray, temperature: float) -> np.ndarray:
+    """Probabilities with every logit divided by ``temperature`` (1.0 leaves them as they are)."""
+    raw = np.asarray(raw, dtype=np.float64)
+    if temperature == 1.0:
+        return raw
+    scaled = logits(raw) / temperature
+    scaled -= scaled.max(axis=1, keepdims=True)
+    exp = np.exp(scaled)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def _nll(raw: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    probs = scale_temperature(raw, temperature)
+    return float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-300, None)).mean())
+
+
+def fit_temperature(raw: np.ndarray, y: np.ndarray) -> float:
+    """The temperature minimising the negative log-likelihood of ``y`` (the val labels)."""
+    from scipy.optimize import minimize_scalar
+
+    y = np.asarray(y, dtype=np.int64)
+    result = minimize_scalar(
+        lambda log_t: _nll(raw, y, float(np.exp(log_t))), bounds=_LOG_T_RANGE, method="bounded"
+    )
+    return float(np.exp(result.x))
+
+
+# ------------------------------------------------------------------ the file
+
+
+def decision_path(model_path: Path) -> Path:
+    return Path(model_path).with_name(DECISION_FILE)
+
+
+def save_decision(decision: Decision, path: Path) -> None:
+    from tlpipe.core.files import write_json
+
+    write_json(Path(path), asdict(decision))
+
+
+def load_decision(path: Path) -> Decision:
+    """A saved decision; PipelineError naming the file and the key when it is not one."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(
+            f"{path}: no decision file (the evaluate stage writes it beside the model)"
+        ) from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise PipelineError(f"{path}: not a readable decision file: {err}") from None
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path}: a decision file holds one JSON object")
+    known = set(Decision.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown or "classes" not in data:
+        raise PipelineError(
+            f"{path}: unknown key(s) {unknown} or no classes; expected keys: {', '.join(sorted(known))}"
+        )
+    decision = Decision(**data)
+    if decision.calibration not in CALIBRATIONS or not decision.temperature > 0:
+        raise PipelineError(
+            f"{path}: calibration {decision.calibration!r} with temperature {decision.temperature}"
+        )
+    return decision
