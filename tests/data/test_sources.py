@@ -246,7 +246,23 @@ def test_folder_mixing_split_and_class_folders_is_an_error(tmp_path):
         download(_folder_params(root), tmp_path / "raw")
 
 
-def test_link_leading_outside_the_source_is_quarantined_and_never_opened(tmp_path, monkeypatch):
+@pytest.fixture
+def opened(monkeypatch) -> list[Path]:
+    """Every path opened for reading with ``builtins.open`` (Pillow opens files with it) during the test."""
+    paths: list[Path] = []
+    real_open = builtins.open
+
+    def spy(file, *args, **kwargs):
+        mode = args[0] if args else kwargs.get("mode", "r")
+        if isinstance(file, (str, os.PathLike)) and not set(mode) & set("wax+"):
+            paths.append(Path(file).resolve())
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    return paths
+
+
+def test_link_leading_outside_the_source_is_quarantined_and_never_opened(tmp_path, opened):
     root = _in_sources(tmp_path, "photos")
     for label in ("cat", "dog"):
         for i in range(3):
@@ -257,17 +273,7 @@ def test_link_leading_outside_the_source_is_quarantined_and_never_opened(tmp_pat
     (root / "cat" / "passwd.png").symlink_to(secret)
     (root / "dog" / "etc").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     (root / "dog" / "chained.png").symlink_to(root / "cat" / "passwd.png")  # inside, then out
-    opened: list[Path] = []
-    real_open = builtins.open
-
-    def spy(file, *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)):
-            opened.append(Path(file).resolve())
-        return real_open(file, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", spy)
     summary = download(_folder_params(root), tmp_path / "raw")
-    monkeypatch.undo()
     quarantined = {r["path"]: r["reason"] for r in read_csv(tmp_path / "raw" / "quarantine.csv")}
     assert quarantined == dict.fromkeys(["cat/passwd.png", "dog/chained.png", "dog/etc"], OUTSIDE_LINK)
     assert summary.kept == 6
@@ -334,24 +340,14 @@ def test_csv_source_reads_ham10000_with_its_two_image_folders_and_quarantines_ba
     }
 
 
-def test_csv_row_whose_file_is_a_link_out_of_the_image_folder_is_refused_unopened(tmp_path, monkeypatch):
+def test_csv_row_whose_file_is_a_link_out_of_the_image_folder_is_refused_unopened(tmp_path, opened):
     root = ham_fixture(_in_sources(tmp_path, "ham10000"))
     part_1 = ham_parts(root)[0]
     secret = tmp_path / "secret.jpg"
     secret.write_bytes((part_1 / "ISIC_0024306.jpg").read_bytes())
     (part_1 / "ISIC_0024306.jpg").unlink()
     (part_1 / "ISIC_0024306.jpg").symlink_to(secret)
-    opened: list[Path] = []
-    real_open = builtins.open
-
-    def spy(file, *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)):
-            opened.append(Path(file).resolve())
-        return real_open(file, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", spy)
     download(_csv_params(root), tmp_path / "raw")
-    monkeypatch.undo()
     quarantined = {r["path"]: r["reason"] for r in read_csv(tmp_path / "raw" / "quarantine.csv")}
     assert quarantined == {"ISIC_0024306.jpg": OUTSIDE_LINK}
     assert secret.resolve() not in opened and (part_1 / "ISIC_0024307.jpg").resolve() in opened
