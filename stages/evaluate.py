@@ -11,7 +11,9 @@ if __name__ == "__main__":
         stage_main(
             "evaluate",
             ["data", "model"],
-            ["out", "decision"],
-            lambda p, a: evaluate(a.data, a.model, p.evaluate, a.out, p.train_frozen.weights, a.decision),
+            ["out", "decision", "guard"],
+            lambda p, a: evaluate(
+                a.data, a.model, p.evaluate, a.out, p.train_frozen.weights, a.decision, a.guard
+            ),
         )
     )

@@ -144,6 +144,7 @@ def test_evaluate_writes_metrics_plots_and_predictions(tmp_path: Path) -> None:
         "ci_level",
         "bootstrap_resamples",
         "calibration",
+        "guard",
     ]
     assert metrics["ci"]["accuracy"] == {"low": 1.0, "high": 1.0}
     assert metrics["confusion_matrix"] == [[3, 0, 0], [0, 3, 0], [0, 0, 3]]
@@ -163,7 +164,8 @@ def test_evaluate_writes_metrics_plots_and_predictions(tmp_path: Path) -> None:
 
     predictions = _read(out / "predictions.csv")
     assert _columns(out / "predictions.csv") == [
-        "path", "label", "predicted", "p_red", "p_green", "p_blue", "raw_p_red", "raw_p_green", "raw_p_blue"
+        "path", "label", "predicted", "p_red", "p_green", "p_blue", "raw_p_red", "raw_p_green", "raw_p_blue",
+        "unfamiliar", "unfamiliarity",
     ]  # fmt: skip
     assert _columns(out / "calibration_raw.csv") == ["bin", "confidence", "accuracy", "count"]
     manifest = [r for r in _read(data / "manifest.csv") if r["split"] == "test"]
@@ -319,7 +321,7 @@ def test_predict_and_the_served_model_answer_exactly_as_evaluate_decided(tmp_pat
     from tlpipe.model.decision import load_decision
     from tlpipe.serve.predict import predict
 
-    data = make_augmented(tmp_path / "aug", ["red", "green"], {"val": 6, "test": 6})
+    data = make_augmented(tmp_path / "aug", ["red", "green"], {"train": 8, "val": 6, "test": 6})
     model = _colour_model(2, tmp_path / "m.keras", bias=3.0)
     out = tmp_path / "out"
     metrics = evaluate(data, model, EvaluateParams(bootstrap_resamples=0), out)
@@ -336,7 +338,9 @@ def test_predict_and_the_served_model_answer_exactly_as_evaluate_decided(tmp_pat
     predict(model, [str(f) for f in files], data / "classes.json", buffer)
     rows = list(csv.DictReader(io.StringIO(buffer.getvalue())))
     assert [r["predicted"] for r in rows] == [r["predicted"] for r in expected]
-    numbers = ["p_red", "p_green", "raw_p_red", "raw_p_green"]
+    numbers = ["p_red", "p_green", "raw_p_red", "raw_p_green", "unfamiliarity"]
+    assert metrics["guard"]["fitted"] and {r["unfamiliar"] for r in expected} <= {"yes", "no"}
+    assert [r["unfamiliar"] for r in rows] == [r["unfamiliar"] for r in expected]
     gap = max(abs(float(r[k]) - float(e[k])) for r, e in zip(rows, expected, strict=True) for k in numbers)
     assert gap <= 1e-6, gap
     assert {r["operating_point"] for r in rows} == {decision.operating_point}
@@ -349,3 +353,4 @@ def test_predict_and_the_served_model_answer_exactly_as_evaluate_decided(tmp_pat
     np.testing.assert_allclose(answer[numbers].to_numpy(), [[float(e[k]) for k in numbers] for e in expected],
                                rtol=0, atol=1e-6)  # fmt: skip
     assert set(answer["operating_point"]) == {decision.operating_point}
+    assert list(answer["unfamiliar"]) == [r["unfamiliar"] for r in expected]

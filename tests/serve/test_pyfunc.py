@@ -39,6 +39,8 @@ ANSWER_COLUMNS = [
     "operating_point",
     "val_sensitivity",
     "val_specificity",
+    "unfamiliar",
+    "unfamiliarity",
     "error",
 ]
 SERVER_START_S = 180

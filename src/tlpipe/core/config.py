@@ -275,6 +275,10 @@ class EvaluateParams(Section):
     # fitted on val and saved with the model (models/decision.json), so predict and the served model
     # give the probabilities evaluate measured: temperature scaling, or none
     calibration: Literal["temperature", "none"] = "temperature"
+    # the unfamiliar-input guard (models/guard.npz): fitted on at most this many training images' features
+    # (0: no guard), its cut-off accepting this share of val images
+    guard_fit_images: int = Field(4000, ge=0)
+    guard_accept: float = Field(0.99, gt=0.5, lt=1.0)
     # two classes: how the cut-off on P(class 1) is set. It is chosen on the val split and then
     # applied to test, so the test metrics stay an honest estimate; more classes take the argmax
     threshold: Literal["youden", "target_sensitivity", "fixed"] = "youden"

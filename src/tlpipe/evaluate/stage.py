@@ -22,10 +22,9 @@ from tlpipe.evaluate.decide import CALIBRATION_METRICS, calibration_document, fi
 from tlpipe.evaluate.document import evaluation_metrics
 from tlpipe.evaluate.metrics import calibration_table, pr_points, roc_points
 from tlpipe.evaluate.thresholds import operating_points
+from tlpipe.model.guard import GUARD_COLUMNS, Guard, guard_columns
 
 if TYPE_CHECKING:
-    import keras
-
     from tlpipe.data.datasets import SplitData
     from tlpipe.model.decision import Decided
 
@@ -96,39 +95,43 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
 # ------------------------------------------------------------------ the stage
 
 
-def predict_probabilities(model: keras.Model, data: SplitData, batch_size: int) -> np.ndarray:
-    """The (n, n_classes) class probabilities of a split's images, in manifest order."""
-    # imported here: TensorFlow loads only when the stage runs, not when the metrics are imported
-    from tlpipe.data.datasets import image_dataset
-    from tlpipe.model.inference import probabilities
-
-    return probabilities(model, image_dataset(data, batch_size, with_labels=False))
-
-
 def prediction_fields(names: list[str]) -> tuple[str, ...]:
-    return ("path", "label", "predicted", *[f"p_{c}" for c in names], *[f"raw_p_{c}" for c in names])
+    probabilities = (*[f"p_{c}" for c in names], *[f"raw_p_{c}" for c in names])
+    return ("path", "label", "predicted", *probabilities, *GUARD_COLUMNS)
 
 
-def prediction_rows(data: SplitData, decided: Decided, names: list[str]) -> Iterator[dict]:
-    """predictions.csv rows: each image's path, label, decided class, calibrated and raw probabilities."""
+def prediction_rows(
+    data: SplitData, decided: Decided, names: list[str], scores: np.ndarray | None, guard: Guard | None
+) -> Iterator[dict]:
+    """predictions.csv rows: each image's path, label, decided class, calibrated and raw probabilities,
+    and whether the guard finds it unfamiliar (blank without a guard)."""
     rows = zip(data.rel_paths, data.labels, decided.labels, decided.probabilities, decided.raw, strict=True)
-    for path, label, pred, probs, raw in rows:
+    for k, (path, label, pred, probs, raw) in enumerate(rows):
         yield {
             "path": path,
             "label": names[label],
             "predicted": names[pred],
             **{f"p_{c}": float(v) for c, v in zip(names, probs, strict=True)},
             **{f"raw_p_{c}": float(v) for c, v in zip(names, raw, strict=True)},
+            **({} if scores is None or guard is None else guard_columns(guard, float(scores[k]))),
         }
 
 
 def write_outputs(
-    scratch: Path, test: SplitData, decided: Decided, metrics: dict, names: list[str], bins: int
+    scratch: Path,
+    test: SplitData,
+    decided: Decided,
+    metrics: dict,
+    names: list[str],
+    bins: int,
+    scores: np.ndarray | None = None,
+    guard: Guard | None = None,
 ) -> None:
     """metrics.json, predictions, and the confusion, ROC, PR and calibration plot data."""
     probs, y_pred = decided.probabilities, decided.labels
     write_json(scratch / "metrics.json", metrics)
-    write_csv(scratch / "predictions.csv", prediction_rows(test, decided, names), prediction_fields(names))
+    rows = prediction_rows(test, decided, names, scores, guard)
+    write_csv(scratch / "predictions.csv", rows, prediction_fields(names))
     write_csv(
         scratch / "confusion.csv",
         ({"actual": names[t], "predicted": names[p]} for t, p in zip(test.labels, y_pred, strict=True)),
@@ -158,6 +161,7 @@ def evaluate(
     out_dir: Path,
     backbone_weights: str = "imagenet",
     decision_out: Path | None = None,
+    guard_out: Path | None = None,
 ) -> dict:
     """The evaluate stage: the decision fitted on val (``decision_out``, default beside the model), then
     metrics.json, plot data and per-image predictions for the test split.
@@ -169,11 +173,14 @@ def evaluate(
     import mlflow
 
     from tlpipe.data.datasets import load_augmented
+    from tlpipe.evaluate.guarding import guard_for, scored
     from tlpipe.model.decision import decision_path, save_decision
+    from tlpipe.model.guard import feature_model, guard_path, save_guard
     from tlpipe.model.storage import load_model
     from tlpipe.serve.pyfunc import log_raw_image_model
 
     decision_out = decision_path(model_path) if decision_out is None else decision_out
+    guard_out = guard_path(model_path) if guard_out is None else guard_out
     data = load_augmented(augmented_dir)
     names = data.classes
     test = data.split("test")
@@ -182,18 +189,21 @@ def evaluate(
     has_val = "val" in data.splits and bool(data.splits["val"].paths)
     needs_val = len(names) == 2 and params.threshold != "fixed"
     val = data.split("val") if has_val or needs_val else None
-    model = load_model(model_path)
+    model = feature_model(load_model(model_path))  # the class probabilities and the pooled features
     run_params = {**section_dict(params, "evaluate"), "train_frozen.weights": backbone_weights}
     # the model's digest: how `tlpipe promote` finds the run that evaluated it
     run_tags = {C.WEIGHTS_TAG: backbone_weights, C.MODEL_DIGEST_TAG: path_digest(model_path)}
     with tracking.stage_run("evaluate", run_params, tags=run_tags):
-        raw_val = None if val is None else predict_probabilities(model, val, params.batch_size)
+        raw_val, val_features = (None, None) if val is None else scored(model, val, params.batch_size)
         decision, threshold = fit_decision(params, names, None if val is None else val.labels, raw_val)
         if threshold is not None and threshold["chosen_on"] == "fallback":
             logger.warning("evaluate: warning: threshold 0.5 used: %s", threshold["reason"])
         # the test split is scored only now, through the decision as predict and the served model apply it
-        decided = decision.apply(predict_probabilities(model, test, params.batch_size))
+        raw_test, test_features = scored(model, test, params.batch_size)
+        decided = decision.apply(raw_test)
         probs = decided.probabilities
+        guard, metrics_guard = guard_for(model, data, val_features, test_features, params)
+        test_scores = None if guard is None else guard.scores(test_features)
         operating = None
         if len(names) == 2 and val is not None and raw_val is not None:
             p_val = decision.calibrate(raw_val)[:, 1]
@@ -203,9 +213,14 @@ def evaluate(
         metrics["calibration"] = calibration_document(
             decision, n_val, test.labels, decided.raw, probs, params
         )
+        metrics["guard"] = metrics_guard
         with atomic_dir(Path(out_dir)) as scratch:
-            write_outputs(scratch, test, decided, metrics, names, params.calibration_bins)
+            write_outputs(scratch, test, decided, metrics, names, params.calibration_bins, test_scores, guard)
         save_decision(decision, Path(decision_out))
+        if guard is None:
+            Path(guard_out).unlink(missing_ok=True)  # a stale guard must not judge this model's inputs
+        else:
+            save_guard(guard, Path(guard_out))
         tracking.log_metrics(flat_metrics(metrics))
         tracking.log_pipeline_metrics(flat_metrics(metrics))
         tracking.log_artifact(str(Path(out_dir) / "metrics.json"))
@@ -215,6 +230,7 @@ def evaluate(
             Path(augmented_dir) / "classes.json",
             Path(test.paths[0]).read_bytes(),
             decision_path=Path(decision_out),
+            guard_path=None if guard is None else Path(guard_out),
         )
         mlflow.set_tag(C.LOGGED_MODEL_TAG, served.model_id)
     logger.info(summary_line(metrics))

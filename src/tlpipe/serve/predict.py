@@ -40,6 +40,7 @@ from tlpipe.model.decision import (
     decision_path,
     load_decision,
 )
+from tlpipe.model.guard import GUARD_COLUMNS, Guard, feature_model, guard_columns, guard_path, load_guard
 
 BATCH = 32
 DEFAULT_MODEL = "models/model.keras"
@@ -114,28 +115,27 @@ def output_fields(classes: list[str]) -> list[str]:
         *(f"p_{c}" for c in classes),
         *(f"raw_p_{c}" for c in classes),
         *OPERATING_COLUMNS,
+        *GUARD_COLUMNS,
         "error",
     ]
 
 
-def predict_rows(model, files: Sequence[Path], decision: Decision, progress: bool) -> Iterator[dict]:
+def predict_rows(
+    model, files: Sequence[Path], decision: Decision, progress: bool, guard: Guard | None = None
+) -> Iterator[dict]:
     """One CSV row per file with a Keras model, through its decision: the decided class, calibrated and
-    raw probabilities, the operating point; or the reason the file could not be read."""
+    raw probabilities, the operating point, and with a guard whether the image is unfamiliar; or the
+    reason the file could not be read. With a guard, ``model`` is the classifier's feature model."""
     size = int(model.input_shape[1])
     classes = decision.classes
 
     def classify(batch: list[tuple[Path, np.ndarray]]) -> Iterator[dict]:
-        from tlpipe.model.inference import (
-            probabilities,  # TensorFlow: only once there is something to classify
-        )
+        from tlpipe.model.inference import decide  # TensorFlow: only once there is something to classify
 
-        decided = decision.apply(
-            probabilities(model, np.stack([pixels for _, pixels in batch]), len(classes))
-        )
+        decided, scores = decide(model, decision, np.stack([pixels for _, pixels in batch]), guard)
         operating = _operating(decision)
-        for (path, _), label, probs, raw in zip(
-            batch, decided.labels, decided.probabilities, decided.raw, strict=True
-        ):
+        answers = zip(batch, decided.labels, decided.probabilities, decided.raw, strict=True)
+        for k, ((path, _), label, probs, raw) in enumerate(answers):
             yield {
                 "path": str(path),
                 "predicted": classes[int(label)],
@@ -143,6 +143,7 @@ def predict_rows(model, files: Sequence[Path], decision: Decision, progress: boo
                 **{f"p_{c}": float(p) for c, p in zip(classes, probs, strict=True)},
                 **{f"raw_p_{c}": float(p) for c, p in zip(classes, raw, strict=True)},
                 **operating,
+                **({} if guard is None or scores is None else guard_columns(guard, float(scores[k]))),
             }
 
     return _batched_rows(files, lambda path: load_pixels(path, size), classify, progress)
@@ -223,7 +224,8 @@ def logged_model_rows(model, files: Sequence[Path], classes: list[str], progress
             error = str(row.get("error") or "")
             numbers = [f"p_{c}" for c in classes] + [f"raw_p_{c}" for c in classes]
             scores = {} if error else {k: float(row[k]) for k in numbers if k in row}
-            operating = {} if error else {k: _blank_nan(row[k]) for k in OPERATING_COLUMNS if k in row}
+            extra = (*OPERATING_COLUMNS, *GUARD_COLUMNS)
+            operating = {} if error else {k: _blank_nan(row[k]) for k in extra if k in row}
             yield {
                 "path": str(path),
                 "predicted": "" if error else row["predicted"],
@@ -289,7 +291,12 @@ def predict(
 
         classes = read_json(classes_path or DEFAULT_CLASSES)
         decision = local_decision(Path(model), classes, decision_file)
-        rows = predict_rows(load_model(Path(model)), files, decision, progress)
+        keras_model = load_model(Path(model))
+        guard_file = guard_path(Path(model))
+        guard = load_guard(guard_file) if guard_file.is_file() else None
+        if guard is not None:
+            keras_model = feature_model(keras_model)
+        rows = predict_rows(keras_model, files, decision, progress, guard)
     writer = csv.DictWriter(out, fieldnames=output_fields(classes), lineterminator="\n")
     writer.writeheader()
     done = failed = 0

@@ -36,7 +36,8 @@ from tlpipe.core.files import read_json
 from tlpipe.core.images import Rejected
 from tlpipe.data.pixels import bytes_pixels
 from tlpipe.model.decision import Decision, argmax_decision, load_decision
-from tlpipe.model.inference import probabilities
+from tlpipe.model.guard import Guard, feature_model, guard_columns, load_guard
+from tlpipe.model.inference import decide
 
 IMAGE_COLUMN = "image"
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -59,9 +60,12 @@ def image_bytes(value: object) -> bytes:
         raise Rejected(f"not base64: {err}") from None
 
 
-def classify_images(model, decision: Decision, images: Iterable[object]) -> pd.DataFrame:
+def classify_images(
+    model, decision: Decision, images: Iterable[object], guard: Guard | None = None
+) -> pd.DataFrame:
     """One row per image: the decided class, calibrated and raw probabilities per class, the operating
-    point, and the error, if any."""
+    point, whether the guard finds it unfamiliar ("yes", "no"; "" without a guard) with its score, and the
+    error, if any. With a guard, ``model`` is the classifier's feature model."""
     classes = decision.classes
     size = int(model.input_shape[1])
     errors: list[str] = []
@@ -76,15 +80,22 @@ def classify_images(model, decision: Decision, images: Iterable[object]) -> pd.D
     calibrated = np.full((len(errors), len(classes)), np.nan)
     raw = calibrated.copy()
     labels = np.zeros(len(errors), dtype=np.int64)
+    scores = np.full(len(errors), np.nan)
     if pixels:
-        decided = decision.apply(probabilities(model, np.stack(pixels), len(classes)))
+        decided, found = decide(model, decision, np.stack(pixels), guard)
         calibrated[ok], raw[ok], labels[ok] = decided.probabilities, decided.raw, decided.labels
+        if found is not None:
+            scores[ok] = found
+    flagged = ["" if guard is None or not good else guard_columns(guard, s)["unfamiliar"]
+               for s, good in zip(scores, ok, strict=True)]  # fmt: skip
     return pd.DataFrame(
         {
             "predicted": [classes[k] if good else "" for k, good in zip(labels, ok, strict=True)],
             **{f"p_{c}": calibrated[:, k] for k, c in enumerate(classes)},
             **{f"raw_p_{c}": raw[:, k] for k, c in enumerate(classes)},
             **operating_columns(decision, len(errors)),
+            "unfamiliar": flagged,
+            "unfamiliarity": scores,
             "error": errors,
         }
     )
@@ -111,9 +122,13 @@ class RawImageClassifier(PythonModel):
         # models logged before the decision travelled with them answer as they did: raw argmax
         saved = context.artifacts.get("decision")
         self.decision = load_decision(Path(saved)) if saved else argmax_decision(classes)
+        guard = context.artifacts.get("guard")
+        self.guard = load_guard(Path(guard)) if guard else None
+        if self.guard is not None:
+            self.model = feature_model(self.model)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        return classify_images(self.model, self.decision, model_input[IMAGE_COLUMN])
+        return classify_images(self.model, self.decision, model_input[IMAGE_COLUMN], self.guard)
 
 
 def signature(classes: list[str]):
@@ -129,6 +144,8 @@ def signature(classes: list[str]):
         ColSpec("string", "operating_point"),
         ColSpec("double", "val_sensitivity"),
         ColSpec("double", "val_specificity"),
+        ColSpec("string", "unfamiliar"),
+        ColSpec("double", "unfamiliarity"),
     ]
     return ModelSignature(
         inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
@@ -161,6 +178,7 @@ def log_raw_image_model(
     example_image_bytes: bytes,
     name: str = "classifier",
     decision_path: Path | None = None,
+    guard_path: Path | None = None,
 ):
     """Log the raw-image pyfunc model in the active MLflow run; returns its ModelInfo.
 
@@ -177,6 +195,7 @@ def log_raw_image_model(
             "keras_model": str(model_path),
             "classes": str(classes_path),
             **({"decision": str(decision_path)} if decision_path else {}),
+            **({"guard": str(guard_path)} if guard_path else {}),
         },
         signature=signature(classes),
         input_example=example,
