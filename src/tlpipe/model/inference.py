@@ -40,5 +40,7 @@ def decide(
     outputs, features = model.predict(images, verbose=0)
     raw = class_probabilities(outputs)
     if raw.shape[1] != len(decision.classes):
-        raise PipelineError(f"the model has {raw.shape[1]} outputs but {len(decision.classes)} class names were given")
+        raise PipelineError(
+            f"the model has {raw.shape[1]} outputs but {len(decision.classes)} class names were given"
+        )
     return decision.apply(raw), guard.scores(features)
