@@ -62,6 +62,8 @@ def run(data: Path, overrides: list[str], log_dir: Path) -> dict:
         "threshold": metrics.get("threshold"),
         "at_0.5": metrics.get("at_0.5"),
         "operating_points": operating_summary(metrics),
+        "calibration": metrics.get("calibration"),
+        "guard": metrics.get("guard"),
     }
 
 

@@ -97,3 +97,15 @@ def test_the_calibration_and_what_it_changed_are_stated() -> None:
     none = calibration_line({"calibration": {**doc, "method": "none", "after": figures}})
     assert none == "Probabilities are the model's own (no calibration): ECE 0.143."
     assert calibration_line({}) is None
+
+
+def test_the_guards_rates_are_stated() -> None:
+    from tlpipe.report.metrics_view import guard_line
+
+    guard = {"fitted": True, "accept": 0.99, "test_flagged": 0.016,
+             "far": {"flagged": 0.97, "auroc": 0.998, "images": "photos"},
+             "near": {"flagged": 0.4, "auroc": 0.81, "images": "inverted"}}  # fmt: skip
+    line = guard_line({"guard": guard})
+    assert line is not None and "flags 1.6% of the test images" in line
+    assert "97% of far-away images (AUROC 0.998: photos)" in line and "AUROC 0.810: inverted" in line
+    assert guard_line({"guard": {"fitted": False, "reason": "no train"}}) is None

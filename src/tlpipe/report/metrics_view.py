@@ -199,6 +199,20 @@ def calibration_line(metrics: dict) -> str | None:
     )
 
 
+def guard_line(metrics: dict) -> str | None:
+    """What the unfamiliar-input guard flags (metrics.json's guard)."""
+    guard = metrics.get("guard")
+    if not guard or not guard.get("fitted"):
+        return None
+    return (
+        f"Unfamiliar-input guard (predict and the served model mark such images): it flags "
+        f"{guard['test_flagged']:.1%} of the test images (cut-off accepting {guard['accept']:.0%} of val), "
+        f"{guard['far']['flagged']:.0%} of far-away images (AUROC {guard['far']['auroc']:.3f}: "
+        f"{guard['far']['images']}) and {guard['near']['flagged']:.0%} of nearer ones (AUROC "
+        f"{guard['near']['auroc']:.3f}: {guard['near']['images']})."
+    )
+
+
 def headline_blocks(metrics: dict, classes: list[str]) -> list[Block]:
     """The "Test metrics" section: the headline table, how decisions were made, other cut-offs."""
     blocks: list[Block] = [Table(headline(metrics, classes), "headline")]
@@ -207,9 +221,9 @@ def headline_blocks(metrics: dict, classes: list[str]) -> list[Block]:
     rule = decision_rule(metrics, classes)
     if rule:
         blocks.append(Paragraph(rule))
-    calibrated = calibration_line(metrics)
-    if calibrated:
-        blocks.append(Paragraph(calibrated))
+    for line in (calibration_line(metrics), guard_line(metrics)):
+        if line:
+            blocks.append(Paragraph(line))
     at_half = at_half_table(metrics)
     if at_half:
         blocks += [Paragraph("The same decision metrics at the conventional cut-off of 0.5:"), Table(at_half)]

@@ -14,7 +14,7 @@ from pathlib import Path
 import jinja2
 
 from tlpipe.report.comparison import Comparison, RunFigures, comparison_line
-from tlpipe.report.metrics_view import calibration_line, decision_rule, headline, metrics_table
+from tlpipe.report.metrics_view import calibration_line, decision_rule, guard_line, headline, metrics_table
 from tlpipe.report.page import Section
 
 TEMPLATE = "report.html.j2"
@@ -70,9 +70,7 @@ def render_markdown(
     rule = decision_rule(metrics, classes)
     if rule:
         parts.append(rule)
-    calibrated = calibration_line(metrics)
-    if calibrated:
-        parts.append(calibrated)
+    parts += [line for line in (calibration_line(metrics), guard_line(metrics)) if line]
     if len(classes) <= MARKDOWN_MAX_CLASSES and metrics.get("per_class"):
         parts.append(md_table(metrics_table(metrics)))
     parts.append(comparison_line(this, comparison))

@@ -6,8 +6,10 @@ base64 text (or bytes), decode and resize them exactly as ``tlpipe predict``
 and the augment stage do, and answer one row per image through the decision the
 evaluate stage fitted (``decision.json``): ``predicted``, the calibrated
 ``p_<class>`` and the model's own ``raw_p_<class>`` per class, the
-``operating_point`` with its ``val_sensitivity`` and ``val_specificity``, and
-``error`` (empty, or why that image could not be read; its numbers are then NaN). One bad image never fails
+``operating_point`` with its ``val_sensitivity`` and ``val_specificity``, the
+guard's ``unfamiliar`` ("yes", "no"; "" for a model logged without ``guard.npz``)
+with its score ``unfamiliarity``, and ``error`` (empty, or why that image could
+not be read; its numbers are then NaN). One bad image never fails
 the batch. A request to the scoring server::
 
     {"dataframe_split": {"columns": ["image"], "data": [["iVBORw0KGgo..."]]}}
