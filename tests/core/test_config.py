@@ -67,9 +67,12 @@ SECTIONS = {
     "evaluate": [
         "batch_size",
         "bootstrap_resamples",
+        "calibration",
         "calibration_bins",
         "ci_level",
         "fixed_threshold",
+        "guard_accept",
+        "guard_fit_images",
         "operating_sensitivities",
         "seed",
         "target_sensitivity",
