@@ -146,13 +146,14 @@ def test_sigterm_is_caught_only_while_the_stage_runs(tmp_path: Path) -> None:
 def test_stage_script_prints_no_traceback(tmp_path: Path) -> None:
     """The real script end to end: exit status and stderr as DVC shows them."""
     bad = _params(tmp_path, "evaluate:\n  batch_size: -1\n")
-    args = ["--params", bad, "--data", "d", "--model", "m", "--out", str(tmp_path / "o")]
+    args = ["--params", bad, "--data", "d", "--model", "m", "--out", str(tmp_path / "o"),
+            "--decision", str(tmp_path / "decision.json"), "--guard", str(tmp_path / "guard.npz")]  # fmt: skip
     result = _run_script("evaluate.py", args, TF_CPP_MIN_LOG_LEVEL="3")
     assert result.returncode == 1
     assert len(_error_lines(result.stderr, "evaluate")) == 1
     assert "evaluate.batch_size" in result.stderr
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and not (tmp_path / "decision.json").exists()
 
 
 def test_unreachable_tracking_server_fails_before_any_output(tmp_path: Path) -> None:
