@@ -21,6 +21,7 @@ from tlpipe.core.files import atomic_dir, path_digest, write_csv, write_json
 from tlpipe.evaluate.decide import CALIBRATION_METRICS, calibration_document, fit_decision
 from tlpipe.evaluate.document import evaluation_metrics
 from tlpipe.evaluate.metrics import calibration_table, pr_points, roc_points
+from tlpipe.evaluate.shift import shift_document
 from tlpipe.evaluate.thresholds import operating_points
 from tlpipe.model.guard import GUARD_COLUMNS, Guard, guard_columns
 
@@ -77,6 +78,11 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
             for name, interval in value.items():
                 if interval is not None:
                     flat[f"ci.{name}.low"], flat[f"ci.{name}.high"] = interval["low"], interval["high"]
+        elif key == "shift":
+            flat |= {
+                f"shift.{k}": float(value[k])
+                for k in ("scores_ks_statistic", "largest_prior_gap", "test_unlike_val")
+            }
         elif key == "calibration":
             flat["calibration.temperature"] = value["temperature"]
             for phase in ("before", "after"):
@@ -214,6 +220,8 @@ def evaluate(
             decision, n_val, test.labels, decided.raw, probs, params
         )
         metrics["guard"] = metrics_guard
+        if val is not None and raw_val is not None:
+            metrics["shift"] = shift_document(decision.calibrate(raw_val), val.labels, probs, names)
         with atomic_dir(Path(out_dir)) as scratch:
             write_outputs(scratch, test, decided, metrics, names, params.calibration_bins, test_scores, guard)
         save_decision(decision, Path(decision_out))

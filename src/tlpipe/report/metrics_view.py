@@ -221,7 +221,11 @@ def headline_blocks(metrics: dict, classes: list[str]) -> list[Block]:
     rule = decision_rule(metrics, classes)
     if rule:
         blocks.append(Paragraph(rule))
-    for line in (calibration_line(metrics), guard_line(metrics)):
+    for line in (
+        calibration_line(metrics),
+        guard_line(metrics),
+        (metrics.get("shift") or {}).get("statement"),
+    ):
         if line:
             blocks.append(Paragraph(line))
     at_half = at_half_table(metrics)

@@ -70,7 +70,8 @@ def render_markdown(
     rule = decision_rule(metrics, classes)
     if rule:
         parts.append(rule)
-    parts += [line for line in (calibration_line(metrics), guard_line(metrics)) if line]
+    shift = (metrics.get("shift") or {}).get("statement")
+    parts += [line for line in (calibration_line(metrics), guard_line(metrics), shift) if line]
     if len(classes) <= MARKDOWN_MAX_CLASSES and metrics.get("per_class"):
         parts.append(md_table(metrics_table(metrics)))
     parts.append(comparison_line(this, comparison))
