@@ -182,3 +182,11 @@ def test_promote_command_reads_params_and_writes_the_decision(pipeline, registry
     params.write_text(yaml.safe_dump({"registry": {"metric": "roc_auc_typo"}}))
     assert main([*argv, "--out", str(out)]) == 1
     assert "registry.metric" in capsys.readouterr().err
+
+
+def test_a_new_version_gets_the_model_card_as_its_description(pipeline, registry, tmp_path):
+    card = tmp_path / "model_card.md"
+    card.write_text("# Model card: tlpipe classifier\n\n## Intended use\n\n- triage, checked by a reader\n")
+    promote(*pipeline.evaluated({"roc_auc": 0.7}), registry, tmp_path / "d.json", card)
+    version = mlflow.MlflowClient().get_model_version(registry.model_name, "1")
+    assert version.description == card.read_text()

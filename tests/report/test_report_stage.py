@@ -53,11 +53,13 @@ def test_report_logs_params_metrics_and_artifacts(tmp_path: Path) -> None:
     assert run.data.metrics == {"accuracy": 0.8125, "macro_f1": 0.7431}
     assert run.data.params["fine_tune.unfreeze_blocks"] == "7"
     assert run.data.params["data.demo.seed"] == str(Params().data.demo.seed)
-    assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == ["report.html", "summary.md"]
+    artifacts = sorted(a.path for a in client.list_artifacts(run.info.run_id))
+    assert artifacts == ["model_card.md", "report.html", "summary.md"]
 
 
 def test_the_stage_logs_where_it_wrote_the_report(tmp_path: Path, caplog) -> None:
     inputs = make_inputs(tmp_path)
     with caplog.at_level(logging.INFO, logger="tlpipe.report"):
         write_report(**inputs)
-    assert f"report: wrote {inputs['html_out']} and {inputs['markdown_out']}" in caplog.messages
+    card = inputs["markdown_out"].with_name("model_card.md")
+    assert f"report: wrote {inputs['html_out']}, {inputs['markdown_out']} and {card}" in caplog.messages

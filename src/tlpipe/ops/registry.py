@@ -36,12 +36,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--evaluation", type=Path, default=Path("results/evaluate"), help="evaluate's output")
     parser.add_argument("--model", type=Path, default=Path("models/model.keras"), help="the evaluated model")
     parser.add_argument("--out", type=Path, default=Path("results/promotion.json"), help="the decision")
+    parser.add_argument(
+        "--model-card",
+        type=Path,
+        default=Path("results/report/model_card.md"),
+        help="the report stage's model card: the registered version's description",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     tracking.check_reachable()
-    decision = promote(args.evaluation, args.model, params.registry, args.out)
+    decision = promote(args.evaluation, args.model, params.registry, args.out, args.model_card)
     logger.info("tlpipe promote: %s", decision["reason"])
     return 0
 
@@ -109,8 +115,17 @@ def champion_version(client, name: str):
         return None
 
 
-def promote(evaluation_dir: Path, model_path: Path, params: RegistryParams, decision_out: Path) -> dict:
-    """Register the evaluated model as challenger, promote it if it wins; write and log the decision."""
+def promote(
+    evaluation_dir: Path,
+    model_path: Path,
+    params: RegistryParams,
+    decision_out: Path,
+    model_card: Path | None = None,
+) -> dict:
+    """Register the evaluated model as challenger, promote it if it wins; write and log the decision.
+
+    A new version gets ``model_card`` (the report stage's) as its description.
+    """
     import mlflow
 
     value = challenger_value(evaluation_dir, params.metric)
@@ -128,6 +143,9 @@ def promote(evaluation_dir: Path, model_path: Path, params: RegistryParams, deci
             outcome = "unchanged"
         else:
             version = register(client, params, source, digest, value)
+            if model_card is not None and Path(model_card).is_file():
+                card = Path(model_card).read_text(encoding="utf-8")
+                client.update_model_version(params.model_name, version.version, description=card)
             promoted, reason = decide(params.metric, params.margin, value, champion_value)
             outcome = "promoted" if promoted else "refused"
             if promoted:

@@ -16,9 +16,10 @@ from typing import cast
 
 import yaml
 
+from tlpipe.core import constants as C
 from tlpipe.core import tracking
 from tlpipe.core.config import PIPELINE_SECTIONS, Params, flat_params
-from tlpipe.core.files import atomic_write, read_json
+from tlpipe.core.files import atomic_write, path_digest, read_json
 from tlpipe.report import inputs
 from tlpipe.report.comparison import comparison_blocks, figures_from_metrics, find_comparison
 from tlpipe.report.dataset_view import data_cautions, dataset_blocks
@@ -32,6 +33,7 @@ from tlpipe.report.figures import (
 )
 from tlpipe.report.gallery import gradcam_blocks, mistakes_blocks
 from tlpipe.report.metrics_view import decision_rule, headline_blocks, metrics_table
+from tlpipe.report.model_card import card_blocks, card_markdown, card_sections
 from tlpipe.report.page import Block, Figure, FigureRow, Paragraph, Preformatted, Section, Table
 from tlpipe.report.render import render_html, render_markdown
 
@@ -108,6 +110,7 @@ def write_report(
     model_path: Path | None = None,
     split_summary: Path | None = None,
     quarantine: Path | None = None,
+    model_card_out: Path | None = None,
 ) -> None:
     """The report stage: report.html and summary.md from the evaluation, the histories and the data."""
     evaluation_dir = Path(evaluation_dir)
@@ -130,9 +133,14 @@ def write_report(
         comparison_blocks(this, comparison),
         yaml.safe_dump(params.model_dump(include=set(PIPELINE_SECTIONS)), sort_keys=False),
     )
+    card = card_sections(metrics, classes, params, summary, _digest(augmented_dir), _commit())
+    # before the params, at the end: the top of the page stays the figures
+    sections.insert(len(sections) - 1, Section("model-card", "Model card", card_blocks(card)))
+    card_out = Path(model_card_out or Path(markdown_out).with_name("model_card.md"))
     for path, text in (
         (html_out, render_html(classes, sections)),
         (markdown_out, render_markdown(metrics, classes, this, comparison, html_out, data_cautions(summary))),
+        (card_out, card_markdown(card)),
     ):
         # utf-8: what the HTML declares, whatever the locale; atomic: a kill never truncates it
         atomic_write(Path(path), partial(Path.write_text, data=text, encoding="utf-8"))
@@ -140,7 +148,22 @@ def write_report(
         tracking.log_metrics({k: metrics[k] for k in ("accuracy", "macro_f1") if metrics.get(k) is not None})
         tracking.log_artifact(str(html_out))
         tracking.log_artifact(str(markdown_out))
-    logger.info("report: wrote %s and %s", html_out, markdown_out)
+        tracking.log_artifact(str(card_out))
+    logger.info("report: wrote %s, %s and %s", html_out, markdown_out, card_out)
+
+
+def _digest(augmented_dir: Path | None) -> str:
+    return (
+        path_digest(augmented_dir)
+        if augmented_dir is not None and Path(augmented_dir).is_dir()
+        else "unknown"
+    )
+
+
+def _commit() -> str:
+    state = tracking.git_state()
+    dirty = " (with uncommitted changes)" if state.get(C.GIT_DIRTY_TAG) == "true" else ""
+    return (state.get(C.GIT_COMMIT_TAG) or "unknown") + dirty
 
 
 def report_stage(params: Params, args: argparse.Namespace) -> None:
@@ -156,4 +179,5 @@ def report_stage(params: Params, args: argparse.Namespace) -> None:
         model_path=args.model,
         split_summary=args.split_summary,
         quarantine=args.quarantine,
+        model_card_out=args.model_card,
     )
