@@ -50,3 +50,32 @@ def test_no_calibration_when_asked_or_without_val():
     assert (fixed.calibration, fixed.threshold, fixed.chosen_on) == ("none", 0.5, "params")
     three, no_threshold = fit_decision(EvaluateParams(), ["a", "b", "c"], None, None)
     assert three.rule == "argmax" and three.threshold is None and no_threshold is None
+
+
+@pytest.mark.parametrize("method", ["platt", "isotonic"])
+def test_platt_and_isotonic_calibrate_two_classes_and_travel_in_the_decision(method, tmp_path):
+    from tlpipe.model.decision import load_decision, save_decision
+
+    y_val, raw_val = _overconfident(3000, 5)
+    y_test, raw_test = _overconfident(3000, 6)
+    params = EvaluateParams(calibration=method, bootstrap_resamples=0)
+    decision, _ = fit_decision(params, ["neg", "pos"], y_val, raw_val)
+    assert decision.calibration == method
+    calibrated = decision.apply(raw_test).probabilities
+    doc = calibration_document(decision, len(y_val), y_test, raw_test, calibrated, params)
+    assert doc["after"]["ece"] < 0.04 < 0.1 < doc["before"]["ece"]
+    # increasing in the raw P(class 1): the ranking, and so ROC-AUC, are kept (isotonic may tie)
+    order = np.argsort(raw_test[:, 1])
+    assert (np.diff(calibrated[order, 1]) >= -1e-12).all()
+    save_decision(decision, tmp_path / "decision.json")
+    np.testing.assert_allclose(
+        load_decision(tmp_path / "decision.json").apply(raw_test).probabilities, calibrated
+    )
+
+
+def test_platt_and_isotonic_are_refused_for_more_classes():
+    from tlpipe.core.errors import PipelineError
+
+    probs = np.full((6, 3), 1 / 3)
+    with pytest.raises(PipelineError, match=r"evaluate\.calibration: isotonic is for two classes"):
+        fit_decision(EvaluateParams(calibration="isotonic"), ["a", "b", "c"], np.arange(6) % 3, probs)

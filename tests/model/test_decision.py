@@ -82,7 +82,7 @@ def test_a_decision_saved_beside_the_model_loads_back_the_same(tmp_path):
         ("{not json", "not a readable decision file"),
         ("[1, 2]", "holds one JSON object"),
         (json.dumps({"classes": ["a", "b"], "treshold": 0.5}), r"unknown key\(s\) \['treshold'\]"),
-        (json.dumps({"classes": ["a", "b"], "calibration": "platt"}), "calibration 'platt'"),
+        (json.dumps({"classes": ["a", "b"], "calibration": "beta"}), "calibration 'beta'"),
         (json.dumps({"classes": ["a", "b"], "temperature": 0}), "temperature 0"),
     ],
 )

@@ -97,6 +97,12 @@ def test_the_calibration_and_what_it_changed_are_stated() -> None:
     none = calibration_line({"calibration": {**doc, "method": "none", "after": figures}})
     assert none == "Probabilities are the model's own (no calibration): ECE 0.143."
     assert calibration_line({}) is None
+    platt = calibration_line({"calibration": {**doc, "method": "platt", "platt": [0.25, -0.1]}})
+    assert platt is not None and platt.startswith(
+        "Probabilities calibrated by Platt scaling (a, b = 0.25, -0.1)"
+    )
+    isotonic = calibration_line({"calibration": {**doc, "method": "isotonic", "isotonic_knots": 12}})
+    assert isotonic is not None and "isotonic regression (12 knots, fitted on 782 val images" in isotonic
 
 
 def test_the_guards_rates_are_stated() -> None:

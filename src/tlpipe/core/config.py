@@ -178,8 +178,9 @@ class FineTuneParams(TrainingPhaseParams):
 class EvaluateParams(Section):
     batch_size: int = Field(64, ge=1)
     # fitted on val and saved with the model (models/decision.json), so predict and the served model
-    # give the probabilities evaluate measured: temperature scaling, or none
-    calibration: Literal["temperature", "none"] = "temperature"
+    # give the probabilities evaluate measured: temperature scaling, none, or for two classes Platt
+    # scaling or isotonic regression of P(class 1)
+    calibration: Literal["temperature", "none", "platt", "isotonic"] = "temperature"
     # the unfamiliar-input guard (models/guard.npz): fitted on at most this many training images' features
     # (0: no guard), its cut-off accepting this share of val images
     guard_fit_images: int = Field(4000, ge=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from tlpipe.core.config import EvaluateParams
+from tlpipe.core.errors import PipelineError
 from tlpipe.evaluate.bootstrap import confidence_intervals
 from tlpipe.evaluate.metrics import (
     brier_per_image,
@@ -17,7 +18,7 @@ from tlpipe.evaluate.metrics import (
     log_loss_per_image,
 )
 from tlpipe.evaluate.thresholds import choose_threshold, predicted_labels
-from tlpipe.model.decision import Decision, fit_temperature, scale_temperature
+from tlpipe.model.decision import Decision, fit_isotonic, fit_platt, fit_temperature
 
 CALIBRATION_METRICS = ("ece", "brier", "log_loss")
 
@@ -26,19 +27,30 @@ def fit_decision(
     params: EvaluateParams, classes: list[str], y_val: np.ndarray | None, raw_val: np.ndarray | None
 ) -> tuple[Decision, dict | None]:
     """The decision, and for two classes the threshold document metrics.json keeps."""
+    if params.calibration in ("platt", "isotonic") and len(classes) != 2:
+        raise PipelineError(
+            f"evaluate.calibration: {params.calibration} is for two classes, this data has {len(classes)}; "
+            "use temperature or none"
+        )
     usable = y_val is not None and raw_val is not None and len(np.unique(y_val)) > 1
-    method = "temperature" if params.calibration == "temperature" and usable else "none"
-    temperature = 1.0
-    if method == "temperature" and raw_val is not None and y_val is not None:
-        temperature = fit_temperature(raw_val, y_val)
+    method = params.calibration if usable else "none"
+    fitted: dict = {}
+    if raw_val is not None and y_val is not None:
+        if method == "temperature":
+            fitted["temperature"] = fit_temperature(raw_val, y_val)
+        elif method == "platt":
+            fitted["platt"] = fit_platt(raw_val, y_val)
+        elif method == "isotonic":
+            fitted["isotonic"] = fit_isotonic(raw_val, y_val)
+    calibrated = Decision(classes=list(classes), calibration=method, **fitted)
     if len(classes) != 2:
-        return Decision(classes=list(classes), calibration=method, temperature=temperature), None
-    p_val = None if raw_val is None else scale_temperature(raw_val, temperature)[:, 1]
+        return calibrated, None
+    p_val = None if raw_val is None else calibrated.calibrate(raw_val)[:, 1]
     threshold = choose_threshold(params, y_val, p_val)
     decision = Decision(
         classes=list(classes),
         calibration=method,
-        temperature=temperature,
+        **fitted,
         rule=threshold["rule"],
         threshold=threshold["value"],
         chosen_on=threshold["chosen_on"],
@@ -85,6 +97,8 @@ def calibration_document(
     return {
         "method": decision.calibration,
         "temperature": decision.temperature,
+        "platt": decision.platt,
+        "isotonic_knots": None if decision.isotonic is None else len(decision.isotonic[0]),
         "fitted_on": "val" if decision.calibration != "none" else None,
         "n_val": n_val,
         "before": probability_quality(y_test, raw, params),

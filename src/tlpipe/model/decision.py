@@ -23,7 +23,7 @@ import numpy as np
 from tlpipe.core.errors import PipelineError
 
 DECISION_FILE = "decision.json"  # beside the model file
-CALIBRATIONS = ("none", "temperature")
+CALIBRATIONS = ("none", "temperature", "platt", "isotonic")  # the last two: two classes only
 # what every answer carries besides the label and probabilities (predict's CSV, the served model)
 OPERATING_COLUMNS = ("operating_point", "val_sensitivity", "val_specificity")
 _EPS = 1e-7  # float32 sigmoids saturate: logits from probabilities are clipped this far from 0 and 1
@@ -40,8 +40,10 @@ class Decided:
 @dataclass(frozen=True)
 class Decision:
     classes: list[str]
-    calibration: str = "none"  # none | temperature
+    calibration: str = "none"  # none | temperature | platt | isotonic
     temperature: float = 1.0
+    platt: list[float] | None = None  # (a, b): P(class 1) = sigmoid(a * logit(p) + b)
+    isotonic: list[list[float]] | None = None  # (x, y) knots of the increasing map of P(class 1)
     rule: str = "argmax"  # argmax, or the two-class threshold rule (youden, target_sensitivity, fixed)
     threshold: float | None = None  # on the calibrated P(class 1)
     chosen_on: str = "none"  # val, params, fallback, or none for argmax
@@ -49,6 +51,11 @@ class Decision:
     val_specificity: float | None = None
 
     def calibrate(self, raw: np.ndarray) -> np.ndarray:
+        if self.calibration == "platt" and self.platt is not None:
+            return _two_columns(_sigmoid(self.platt[0] * _logit(raw[:, 1]) + self.platt[1]))
+        if self.calibration == "isotonic" and self.isotonic is not None:
+            knots_x, knots_y = (np.asarray(k, dtype=np.float64) for k in self.isotonic)
+            return _two_columns(np.interp(np.asarray(raw, dtype=np.float64)[:, 1], knots_x, knots_y))
         return scale_temperature(raw, self.temperature)
 
     def labels(self, calibrated: np.ndarray) -> np.ndarray:
@@ -110,6 +117,38 @@ def fit_temperature(raw: np.ndarray, y: np.ndarray) -> float:
         lambda log_t: _nll(raw, y, float(np.exp(log_t))), bounds=_LOG_T_RANGE, method="bounded"
     )
     return float(np.exp(result.x))
+
+
+# ------------------------------------------------------------------ Platt scaling and isotonic regression
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1.0 - _EPS)
+    return np.log(p / (1.0 - p))
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def _two_columns(p1: np.ndarray) -> np.ndarray:
+    return np.stack([1.0 - p1, p1], axis=1)
+
+
+def fit_platt(raw: np.ndarray, y: np.ndarray) -> list[float]:
+    """(a, b) of a logistic regression of the val labels on the logit of P(class 1)."""
+    from sklearn.linear_model import LogisticRegression
+
+    fitted = LogisticRegression(C=1e6).fit(_logit(raw[:, 1])[:, None], np.asarray(y))
+    return [float(fitted.coef_[0, 0]), float(fitted.intercept_[0])]
+
+
+def fit_isotonic(raw: np.ndarray, y: np.ndarray) -> list[list[float]]:
+    """The knots of the increasing map of P(class 1) that best fits the val labels."""
+    from sklearn.isotonic import IsotonicRegression
+
+    fitted = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(raw[:, 1], np.asarray(y))
+    return [fitted.X_thresholds_.tolist(), fitted.y_thresholds_.tolist()]
 
 
 # ------------------------------------------------------------------ the file

@@ -193,9 +193,14 @@ def calibration_line(metrics: dict) -> str | None:
     )
     if doc["method"] == "none":
         return f"Probabilities are the model's own (no calibration): ECE {after['ece']:.3f}."
+    how = {
+        "temperature": f"temperature scaling (T = {doc['temperature']:.3g}",
+        "platt": "Platt scaling (a, b = {})".format(", ".join(f"{v:.3g}" for v in doc.get("platt") or [])),
+        "isotonic": f"isotonic regression ({doc.get('isotonic_knots')} knots",
+    }[doc["method"]]
     return (
-        f"Probabilities calibrated by temperature scaling (T = {doc['temperature']:.3g}, fitted on "
-        f"{doc['n_val']} val images; predict and the served model apply the same): on test, {change}."
+        f"Probabilities calibrated by {how}, fitted on {doc['n_val']} val images; predict and the served "
+        f"model apply the same): on test, {change}."
     )
 
 

@@ -81,7 +81,13 @@ def card_sections(metrics: dict, classes: Sequence[str], params: Params, summary
         (
             "Calibration",
             [
-                f"{calibration.get('method', 'none')} (T = {calibration.get('temperature', 1.0):.3g}); test ECE "
+                f"{calibration.get('method', 'none')}"
+                + (
+                    f" (T = {calibration['temperature']:.3g})"
+                    if calibration.get("method") == "temperature"
+                    else ""
+                )
+                + "; test ECE "
                 f"{(calibration.get('before') or {}).get('ece', float('nan')):.3f} before, "
                 f"{(calibration.get('after') or {}).get('ece', float('nan')):.3f} after.",
             ],
