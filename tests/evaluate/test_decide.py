@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from tlpipe.core.config import EvaluateParams
-from tlpipe.evaluate.decide import calibration_document, fit_decision
+from tlpipe.evaluate.decide import calibration_document, fit_decision, probability_quality
+from tlpipe.evaluate.document import evaluation_metrics
 
 
 def _overconfident(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -29,9 +30,11 @@ def test_temperature_fitted_on_val_improves_the_test_probabilities():
     # the threshold is on the calibrated scale: it decides val as the calibrated probabilities say
     decided = decision.apply(raw_val)
     assert ((decided.probabilities[:, 1] >= decision.threshold) == decided.labels.astype(bool)).all()
-    doc = calibration_document(
-        decision, len(y_val), y_test, raw_test, decision.apply(raw_test).probabilities, params
-    )
+    calibrated = decision.apply(raw_test).probabilities
+    test_metrics = evaluation_metrics(y_test, calibrated, ["neg", "pos"], params, threshold)
+    doc = calibration_document(decision, len(y_val), y_test, raw_test, test_metrics, params)
+    # "after" is read from the test metrics: the same figures and intervals a fresh computation gives
+    assert doc["after"] == probability_quality(y_test, calibrated, params)
     before, after = doc["before"], doc["after"]
     assert after["ece"] < 0.03 < 0.1 < before["ece"]
     assert after["log_loss"] < before["log_loss"] and after["brier"] < before["brier"]
@@ -62,7 +65,9 @@ def test_platt_and_isotonic_calibrate_two_classes_and_travel_in_the_decision(met
     decision, _ = fit_decision(params, ["neg", "pos"], y_val, raw_val)
     assert decision.calibration == method
     calibrated = decision.apply(raw_test).probabilities
-    doc = calibration_document(decision, len(y_val), y_test, raw_test, calibrated, params)
+    doc = calibration_document(
+        decision, len(y_val), y_test, raw_test, probability_quality(y_test, calibrated, params), params
+    )
     assert doc["after"]["ece"] < 0.04 < 0.1 < doc["before"]["ece"]
     # increasing in the raw P(class 1): the ranking, and so ROC-AUC, are kept (isotonic may tie)
     order = np.argsort(raw_test[:, 1])

@@ -90,10 +90,17 @@ def calibration_document(
     n_val: int,
     y_test: np.ndarray,
     raw: np.ndarray,
-    calibrated: np.ndarray,
+    test_metrics: dict,
     params: EvaluateParams,
 ) -> dict:
-    """metrics.json's ``calibration``: the method, its parameter, and the test figures before and after."""
+    """metrics.json's ``calibration``: the method, its parameter, and the test figures before and after.
+
+    "after" is read from ``test_metrics`` (the metrics of the calibrated probabilities, with their
+    intervals), which already hold ECE, Brier and log loss: only "before" is computed here.
+    """
+    after = {name: test_metrics[name] for name in CALIBRATION_METRICS}
+    intervals = test_metrics.get("ci") or {}
+    after["ci"] = {name: intervals[name] for name in CALIBRATION_METRICS if name in intervals}
     return {
         "method": decision.calibration,
         "temperature": decision.temperature,
@@ -102,5 +109,5 @@ def calibration_document(
         "fitted_on": "val" if decision.calibration != "none" else None,
         "n_val": n_val,
         "before": probability_quality(y_test, raw, params),
-        "after": probability_quality(y_test, calibrated, params),
+        "after": after,
     }

@@ -45,14 +45,15 @@ def guard_for(
     val_features: np.ndarray | None,
     test_features: np.ndarray,
     params: EvaluateParams,
-) -> tuple[Guard | None, dict]:
-    """The guard and metrics.json's ``guard`` (its rates on val, test and the unfamiliar sets)."""
+) -> tuple[Guard | None, dict, np.ndarray | None]:
+    """The guard, metrics.json's ``guard`` (its rates on val, test and the unfamiliar sets), and the
+    test images' scores (None without a guard)."""
     train = data.splits.get("train")
     if params.guard_fit_images == 0 or val_features is None or train is None or len(train.paths) < 2:
         why = (
             "off (evaluate.guard_fit_images: 0)" if params.guard_fit_images == 0 else "no train or val images"
         )
-        return None, {"fitted": False, "reason": why}
+        return None, {"fitted": False, "reason": why}, None
     _, train_features = scored(
         with_features, fit_subset(train, params.guard_fit_images, params.seed), params.batch_size
     )
@@ -88,4 +89,4 @@ def guard_for(
         "evaluate: guard flags %.1f%% of test images; AUROC %.3f on far-away images, %.3f on nearer ones",
         100 * doc["test_flagged"], far["auroc"], nearer["auroc"],
     )  # fmt: skip
-    return guard, doc
+    return guard, doc, test_scores

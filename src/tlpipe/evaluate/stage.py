@@ -208,20 +208,19 @@ def evaluate(
         raw_test, test_features = scored(model, test, params.batch_size)
         decided = decision.apply(raw_test)
         probs = decided.probabilities
-        guard, metrics_guard = guard_for(model, data, val_features, test_features, params)
-        test_scores = None if guard is None else guard.scores(test_features)
+        guard, metrics_guard, test_scores = guard_for(model, data, val_features, test_features, params)
+        calibrated_val = None if val is None or raw_val is None else decision.calibrate(raw_val)
         operating = None
-        if len(names) == 2 and val is not None and raw_val is not None:
-            p_val = decision.calibrate(raw_val)[:, 1]
-            operating = operating_points(params, val.labels, p_val, test.labels, probs[:, 1])
+        if len(names) == 2 and val is not None and calibrated_val is not None:
+            operating = operating_points(params, val.labels, calibrated_val[:, 1], test.labels, probs[:, 1])
         metrics = evaluation_metrics(test.labels, probs, names, params, threshold, operating)
         n_val = 0 if val is None else len(val.labels)
         metrics["calibration"] = calibration_document(
-            decision, n_val, test.labels, decided.raw, probs, params
+            decision, n_val, test.labels, decided.raw, metrics, params
         )
         metrics["guard"] = metrics_guard
-        if val is not None and raw_val is not None:
-            metrics["shift"] = shift_document(decision.calibrate(raw_val), val.labels, probs, names)
+        if val is not None and calibrated_val is not None:
+            metrics["shift"] = shift_document(calibrated_val, val.labels, probs, names)
         with atomic_dir(Path(out_dir)) as scratch:
             write_outputs(scratch, test, decided, metrics, names, params.calibration_bins, test_scores, guard)
         save_decision(decision, Path(decision_out))
