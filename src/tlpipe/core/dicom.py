@@ -71,6 +71,12 @@ def is_dicom(head: bytes) -> bool:
     return head[128:HEAD_BYTES] == b"DICM"
 
 
+def is_dicom_file(path: Path) -> bool:
+    """Whether the file at ``path`` carries the DICOM marker (OSError if it cannot be read)."""
+    with open(path, "rb") as fh:
+        return is_dicom(fh.read(HEAD_BYTES))
+
+
 def read_dicom(source: Path | bytes, *, max_pixels: int | None = None, force: bool = False) -> Image.Image:
     """A single-frame DICOM image as an 8-bit PIL image ("L" or "RGB"); raises UnusableDicom.
 

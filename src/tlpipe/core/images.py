@@ -22,7 +22,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from tlpipe.core.dicom import DICOM_EXTENSIONS, DICOM_FORMAT, HEAD_BYTES, UnusableDicom, is_dicom, read_dicom
+from tlpipe.core.dicom import (
+    DICOM_EXTENSIONS,
+    DICOM_FORMAT,
+    HEAD_BYTES,
+    UnusableDicom,
+    is_dicom,
+    is_dicom_file,
+    read_dicom,
+)
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", *DICOM_EXTENSIONS}
 
@@ -130,10 +138,9 @@ def open_image_path(path: Path) -> Image.Image:
     errors are left to decode_image; a DICOM file's raise :class:`DicomRejected`.
     """
     path = Path(path)
-    with open(path, "rb") as fh:
-        head = fh.read(HEAD_BYTES)
-    if is_dicom(head) or path.suffix.lower() in DICOM_EXTENSIONS:
-        return _read_dicom(path, marked=is_dicom(head))
+    marked = is_dicom_file(path)
+    if marked or path.suffix.lower() in DICOM_EXTENSIONS:
+        return _read_dicom(path, marked=marked)
     return Image.open(path)
 
 

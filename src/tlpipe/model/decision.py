@@ -76,6 +76,11 @@ class Decision:
     def operating_point(self) -> str:
         return self.rule if self.threshold is None else f"{self.rule} (threshold {self.threshold:.4g})"
 
+    def operating_fields(self) -> dict[str, str | float | None]:
+        """What every answer carries about the operating point (OPERATING_COLUMNS; None where undefined)."""
+        values = (self.operating_point, self.val_sensitivity, self.val_specificity)
+        return dict(zip(OPERATING_COLUMNS, values, strict=True))
+
 
 def argmax_decision(classes: list[str]) -> Decision:
     """What a model without a saved decision gets: its raw probabilities, the most probable class."""

@@ -27,7 +27,7 @@ from typing import TypeVar
 import numpy as np
 from tqdm import tqdm
 
-from tlpipe.core.dicom import HEAD_BYTES, is_dicom
+from tlpipe.core.dicom import HEAD_BYTES, is_dicom, is_dicom_file
 from tlpipe.core.errors import PipelineError
 from tlpipe.core.files import read_json
 from tlpipe.core.images import IMAGE_EXTENSIONS, Rejected
@@ -67,8 +67,7 @@ def _looks_like_image(path: Path) -> bool:
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         return True
     try:
-        with open(path, "rb") as fh:
-            return is_dicom(fh.read(HEAD_BYTES))
+        return is_dicom_file(path)
     except OSError:
         return False  # unreadable and without an image extension: not one of the folder's images
 
@@ -203,11 +202,7 @@ def file_bytes(path: Path) -> bytes:
 
 
 def _operating(decision: Decision) -> dict[str, object]:
-    return {
-        "operating_point": decision.operating_point,
-        "val_sensitivity": "" if decision.val_sensitivity is None else decision.val_sensitivity,
-        "val_specificity": "" if decision.val_specificity is None else decision.val_specificity,
-    }
+    return {k: "" if v is None else v for k, v in decision.operating_fields().items()}
 
 
 def logged_model_rows(model, files: Sequence[Path], classes: list[str], progress: bool) -> Iterator[dict]:

@@ -105,12 +105,7 @@ def classify_images(
 
 def operating_columns(decision: Decision, n: int) -> dict[str, list]:
     """The operating point's name and its val sensitivity and specificity, repeated per image."""
-    nan = float("nan")
-    return {
-        "operating_point": [decision.operating_point] * n,
-        "val_sensitivity": [nan if decision.val_sensitivity is None else decision.val_sensitivity] * n,
-        "val_specificity": [nan if decision.val_specificity is None else decision.val_specificity] * n,
-    }
+    return {k: [float("nan") if v is None else v] * n for k, v in decision.operating_fields().items()}
 
 
 class RawImageClassifier(PythonModel):
