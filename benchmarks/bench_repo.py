@@ -54,7 +54,12 @@ def copy_repo(dest: Path) -> None:
 
 
 def environment(repo: Path) -> dict[str, str]:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    # the copy's own code, not the editable install's: the checkout may change while a benchmark runs
+    env = dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        PYTHONPATH=str(repo / "src"),
+    )
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")
     return env
 

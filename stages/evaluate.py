@@ -1,4 +1,4 @@
-"""DVC stage `evaluate`: the decision fitted on val (calibration, threshold), then test-split metrics with CIs,
+"""DVC stage `evaluate`: the decision fitted (calibration, threshold; on val or out of fold), then test-split metrics with CIs,
 plot data and predictions."""
 
 import sys
@@ -10,10 +10,10 @@ if __name__ == "__main__":
     sys.exit(
         stage_main(
             "evaluate",
-            ["data", "model"],
+            ["data", "model", "oof"],
             ["out", "decision", "guard"],
             lambda p, a: evaluate(
-                a.data, a.model, p.evaluate, a.out, p.train_frozen.weights, a.decision, a.guard
+                a.data, a.model, p.evaluate, a.out, p.train_frozen.weights, a.decision, a.guard, a.oof
             ),
         )
     )

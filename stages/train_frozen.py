@@ -10,8 +10,8 @@ if __name__ == "__main__":
         stage_main(
             "train-frozen",
             ["data"],
-            ["model", "history"],
-            lambda p, a: train_frozen(a.data, p.train_frozen, a.model, a.history, a.checkpoints),
+            ["model", "history", "oof"],
+            lambda p, a: train_frozen(a.data, p.train_frozen, a.model, a.history, a.checkpoints, a.oof),
             state=["checkpoints"],
         )
     )

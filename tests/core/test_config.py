@@ -70,6 +70,7 @@ SECTIONS = {
         "calibration",
         "calibration_bins",
         "ci_level",
+        "decision_data",
         "fixed_threshold",
         "guard_accept",
         "guard_fit_images",

@@ -23,7 +23,7 @@ def _overconfident(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def test_temperature_fitted_on_val_improves_the_test_probabilities():
     y_val, raw_val = _overconfident(3000, 0)
     y_test, raw_test = _overconfident(3000, 1)
-    params = EvaluateParams(bootstrap_resamples=200)
+    params = EvaluateParams(decision_data="val", bootstrap_resamples=200)
     decision, threshold = fit_decision(params, ["neg", "pos"], y_val, raw_val)
     assert decision.calibration == "temperature" and decision.temperature == pytest.approx(4.0, rel=0.15)
     assert threshold is not None and threshold["chosen_on"] == "val"
@@ -47,11 +47,22 @@ def test_temperature_fitted_on_val_improves_the_test_probabilities():
 
 def test_no_calibration_when_asked_or_without_val():
     y_val, raw_val = _overconfident(200, 2)
-    none, _ = fit_decision(EvaluateParams(calibration="none"), ["neg", "pos"], y_val, raw_val)
+    none, _ = fit_decision(
+        EvaluateParams(decision_data="val", calibration="none"), ["neg", "pos"], y_val, raw_val
+    )
     assert (none.calibration, none.temperature) == ("none", 1.0)
-    fixed, _ = fit_decision(EvaluateParams(threshold="fixed"), ["neg", "pos"], None, None)
+    fixed, _ = fit_decision(
+        EvaluateParams(decision_data="val", threshold="fixed"), ["neg", "pos"], None, None
+    )
     assert (fixed.calibration, fixed.threshold, fixed.chosen_on) == ("none", 0.5, "params")
-    three, no_threshold = fit_decision(EvaluateParams(), ["a", "b", "c"], None, None)
+    three, no_threshold = fit_decision(
+        EvaluateParams(
+            decision_data="val",
+        ),
+        ["a", "b", "c"],
+        None,
+        None,
+    )
     assert three.rule == "argmax" and three.threshold is None and no_threshold is None
 
 
@@ -61,7 +72,7 @@ def test_platt_and_isotonic_calibrate_two_classes_and_travel_in_the_decision(met
 
     y_val, raw_val = _overconfident(3000, 5)
     y_test, raw_test = _overconfident(3000, 6)
-    params = EvaluateParams(calibration=method, bootstrap_resamples=0)
+    params = EvaluateParams(decision_data="val", calibration=method, bootstrap_resamples=0)
     decision, _ = fit_decision(params, ["neg", "pos"], y_val, raw_val)
     assert decision.calibration == method
     calibrated = decision.apply(raw_test).probabilities
@@ -83,4 +94,9 @@ def test_platt_and_isotonic_are_refused_for_more_classes():
 
     probs = np.full((6, 3), 1 / 3)
     with pytest.raises(PipelineError, match=r"evaluate\.calibration: isotonic is for two classes"):
-        fit_decision(EvaluateParams(calibration="isotonic"), ["a", "b", "c"], np.arange(6) % 3, probs)
+        fit_decision(
+            EvaluateParams(decision_data="val", calibration="isotonic"),
+            ["a", "b", "c"],
+            np.arange(6) % 3,
+            probs,
+        )

@@ -46,7 +46,9 @@ def test_flat_metrics_are_scalar_and_dotted() -> None:
 
 
 def test_flat_metrics_of_the_binary_document() -> None:
-    params = EvaluateParams(threshold="fixed", fixed_threshold=0.75, bootstrap_resamples=50)
+    params = EvaluateParams(
+        decision_data="val", threshold="fixed", fixed_threshold=0.75, bootstrap_resamples=50
+    )
     threshold = choose_threshold(params, None, None)
     flat = flat_metrics(evaluation_metrics(BIN_Y, BIN_PROBS, ["neg", "pos"], params, threshold))
     assert flat["threshold.value"] == 0.75 and "threshold.rule" not in flat
@@ -58,7 +60,7 @@ def test_flat_metrics_of_the_binary_document() -> None:
 
 
 def test_flat_metrics_log_the_operating_points_briefly() -> None:
-    params = EvaluateParams(operating_sensitivities=[0.9])
+    params = EvaluateParams(decision_data="val", operating_sensitivities=[0.9])
     points = operating_points(params, VAL_Y, VAL_P1, BIN_Y, BIN_P1)
     threshold = choose_threshold(params, VAL_Y, VAL_P1)
     metrics = evaluation_metrics(BIN_Y, BIN_PROBS, ["neg", "pos"], params, threshold, points)
@@ -118,7 +120,9 @@ def test_evaluate_writes_metrics_plots_and_predictions(tmp_path: Path) -> None:
     (out / "roc").mkdir(parents=True)
     (out / "roc" / "stale.csv").write_text("fpr,tpr\n")  # a previous run's output is replaced, not merged
 
-    metrics = evaluate(data, model, EvaluateParams(batch_size=4, bootstrap_resamples=200), out)
+    metrics = evaluate(
+        data, model, EvaluateParams(decision_data="val", batch_size=4, bootstrap_resamples=200), out
+    )
 
     assert metrics["accuracy"] == 1.0 and metrics["n_test"] == 9
     assert json.loads((out / "metrics.json").read_text()) == metrics
@@ -181,7 +185,9 @@ def test_evaluate_writes_metrics_plots_and_predictions(tmp_path: Path) -> None:
 def test_evaluate_binary_chooses_the_threshold_on_val(tmp_path: Path) -> None:
     data = make_augmented(tmp_path / "aug", ["red", "green"], {"val": 4, "test": 5})
     out = tmp_path / "out"
-    params = EvaluateParams(batch_size=3, threshold="target_sensitivity", target_sensitivity=1.0)
+    params = EvaluateParams(
+        decision_data="val", batch_size=3, threshold="target_sensitivity", target_sensitivity=1.0
+    )
     metrics = evaluate(data, _colour_model(2, tmp_path / "m.keras"), params, out)
 
     val_rows = [r for r in _read(data / "manifest.csv") if r["split"] == "val"]
@@ -217,7 +223,10 @@ def test_evaluate_binary_chooses_the_threshold_on_val(tmp_path: Path) -> None:
 def test_evaluate_binary_youden_on_a_real_run(tmp_path: Path) -> None:
     data = make_augmented(tmp_path / "aug", ["red", "green"], {"val": 3, "test": 3})
     metrics = evaluate(
-        data, _colour_model(2, tmp_path / "m.keras"), EvaluateParams(batch_size=8), tmp_path / "out"
+        data,
+        _colour_model(2, tmp_path / "m.keras"),
+        EvaluateParams(decision_data="val", batch_size=8),
+        tmp_path / "out",
     )
     assert metrics["threshold"]["rule"] == "youden" and metrics["threshold"]["chosen_on"] == "val"
     # red and green separate perfectly on val: J = 1 at the lowest green score
@@ -227,7 +236,9 @@ def test_evaluate_binary_youden_on_a_real_run(tmp_path: Path) -> None:
 
 def test_evaluate_fixed_threshold_needs_no_val_split(tmp_path: Path) -> None:
     data = make_augmented(tmp_path / "aug", ["red", "green"], {"test": 4})
-    params = EvaluateParams(threshold="fixed", fixed_threshold=0.5, bootstrap_resamples=0)
+    params = EvaluateParams(
+        decision_data="val", threshold="fixed", fixed_threshold=0.5, bootstrap_resamples=0
+    )
     metrics = evaluate(data, _colour_model(2, tmp_path / "m.keras"), params, tmp_path / "out")
     assert metrics["accuracy"] == 1.0 and metrics["roc_auc"] == 1.0
     assert metrics["threshold"] == {"rule": "fixed", "value": 0.5, "chosen_on": "params"}
@@ -238,7 +249,9 @@ def test_evaluate_fixed_threshold_needs_no_val_split(tmp_path: Path) -> None:
 
 def test_evaluate_fixed_threshold_still_shows_val_operating_points(tmp_path: Path) -> None:
     data = make_augmented(tmp_path / "aug", ["red", "green"], {"val": 3, "test": 4})
-    params = EvaluateParams(threshold="fixed", fixed_threshold=0.5, bootstrap_resamples=0)
+    params = EvaluateParams(
+        decision_data="val", threshold="fixed", fixed_threshold=0.5, bootstrap_resamples=0
+    )
     metrics = evaluate(data, _colour_model(2, tmp_path / "m.keras"), params, tmp_path / "out")
     assert metrics["threshold"] == {"rule": "fixed", "value": 0.5, "chosen_on": "params"}
     assert metrics["operating_points"]["youden"]["chosen_on"] == "val"
@@ -249,7 +262,7 @@ def test_evaluate_logs_an_mlflow_run(tmp_path: Path) -> None:
     # folder names MLflow would refuse as metric names: the stage must still log its run
     classes = ["red (dark)", "green+", "blue"]
     data = make_augmented(tmp_path / "aug", classes, {"test": 2})
-    params = EvaluateParams(batch_size=8, bootstrap_resamples=100)
+    params = EvaluateParams(decision_data="val", batch_size=8, bootstrap_resamples=100)
     evaluate(data, _colour_model(3, tmp_path / "m.keras"), params, tmp_path / "out", "none")
     assert sorted(p.name for p in (tmp_path / "out" / "roc").iterdir()) == [
         "blue.csv",
@@ -275,7 +288,14 @@ def test_evaluate_logs_an_mlflow_run(tmp_path: Path) -> None:
 def test_evaluate_without_a_model_is_file_not_found(tmp_path: Path) -> None:
     data = make_augmented(tmp_path / "aug", ["a", "b"], {"val": 1, "test": 1})
     with pytest.raises(FileNotFoundError, match="run the train-frozen stage first"):
-        evaluate(data, tmp_path / "missing.keras", EvaluateParams(), tmp_path / "out")
+        evaluate(
+            data,
+            tmp_path / "missing.keras",
+            EvaluateParams(
+                decision_data="val",
+            ),
+            tmp_path / "out",
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -284,7 +304,14 @@ def test_evaluate_binary_without_val_names_the_missing_split(tmp_path: Path) -> 
 
     data = make_augmented(tmp_path / "aug", ["a", "b"], {"test": 1})
     with pytest.raises(PipelineError, match="no 'val' images"):
-        evaluate(data, tmp_path / "missing.keras", EvaluateParams(), tmp_path / "out")
+        evaluate(
+            data,
+            tmp_path / "missing.keras",
+            EvaluateParams(
+                decision_data="val",
+            ),
+            tmp_path / "out",
+        )
 
 
 def test_evaluate_logs_a_warning_and_falls_back_when_val_lacks_a_class(tmp_path: Path, caplog) -> None:
@@ -296,14 +323,21 @@ def test_evaluate_logs_a_warning_and_falls_back_when_val_lacks_a_class(tmp_path:
         writer.writerows(r for r in rows if not (r["split"] == "val" and r["label"] == "red"))
     caplog.set_level(logging.INFO, logger="tlpipe")
 
-    metrics = evaluate(data, _colour_model(2, tmp_path / "m.keras"), EvaluateParams(), tmp_path / "out")
+    metrics = evaluate(
+        data,
+        _colour_model(2, tmp_path / "m.keras"),
+        EvaluateParams(
+            decision_data="val",
+        ),
+        tmp_path / "out",
+    )
 
     assert metrics["threshold"]["chosen_on"] == "fallback" and metrics["threshold"]["value"] == 0.5
     logged = [(r.name, r.levelno, r.getMessage()) for r in caplog.records if r.name.startswith("tlpipe.eval")]
     assert (
         "tlpipe.evaluate.stage",
         logging.WARNING,
-        "evaluate: warning: threshold 0.5 used: the val split has no negative images",
+        "evaluate: warning: threshold 0.5 used: the val predictions have no negative images",
     ) in logged
     summary = [m for _, level, m in logged if level == logging.INFO and m.startswith("evaluate: test ")]
     assert len(summary) == 1
@@ -324,7 +358,7 @@ def test_predict_and_the_served_model_answer_exactly_as_evaluate_decided(tmp_pat
     data = make_augmented(tmp_path / "aug", ["red", "green"], {"train": 8, "val": 6, "test": 6})
     model = _colour_model(2, tmp_path / "m.keras", bias=3.0)
     out = tmp_path / "out"
-    metrics = evaluate(data, model, EvaluateParams(bootstrap_resamples=0), out)
+    metrics = evaluate(data, model, EvaluateParams(decision_data="val", bootstrap_resamples=0), out)
     decision = load_decision(tmp_path / "decision.json")  # beside the model
     assert decision.calibration == "temperature" and decision.threshold == metrics["threshold"]["value"]
     assert decision.temperature == metrics["calibration"]["temperature"] != 1.0

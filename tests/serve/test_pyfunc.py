@@ -124,7 +124,12 @@ def test_evaluate_logs_the_raw_image_model_and_tags_its_id(tmp_path):
     inputs = keras.Input((32, 32, 3))
     outputs = keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(inputs))
     storage.save_model_atomically(keras.Model(inputs, outputs), tmp_path / "m.keras")
-    evaluate(data, tmp_path / "m.keras", EvaluateParams(bootstrap_resamples=0), tmp_path / "out")
+    evaluate(
+        data,
+        tmp_path / "m.keras",
+        EvaluateParams(decision_data="val", bootstrap_resamples=0),
+        tmp_path / "out",
+    )
 
     run = mlflow.last_active_run()
     assert run.data.tags["tlpipe.stage"] == "evaluate"

@@ -148,6 +148,16 @@ class TrainFrozenParams(TrainingPhaseParams):
     weights: str = "imagenet"  # imagenet | none | path to a weights file
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     head_l2: float = Field(0.0, ge=0.0)  # L2 penalty on the head's kernel
+    # heads cross-fitted on train+val features for out-of-fold predictions (evaluate.decision_data: oof);
+    # 0: none
+    oof_folds: int = Field(5, ge=0, le=20)
+
+    @field_validator("oof_folds")
+    @classmethod
+    def _folds_or_none(cls, k: int) -> int:
+        if k == 1:
+            raise ValueError("one fold holds nothing out: use 0 (no out-of-fold predictions) or 2..20")
+        return k
 
 
 class FineTuneParams(TrainingPhaseParams):
@@ -181,6 +191,9 @@ class EvaluateParams(Section):
     # give the probabilities evaluate measured: temperature scaling, none, or for two classes Platt
     # scaling or isotonic regression of P(class 1)
     calibration: Literal["temperature", "none", "platt", "isotonic"] = "temperature"
+    # where calibration and threshold are fitted: oof, the out-of-fold predictions over train+val that the
+    # fine-tuned model is mapped onto, or val, the fine-tuned model's val split alone (docs/decision.md)
+    decision_data: Literal["oof", "val"] = "oof"
     # the unfamiliar-input guard (models/guard.npz): fitted on at most this many training images' features
     # (0: no guard), its cut-off accepting this share of val images
     guard_fit_images: int = Field(4000, ge=0)
@@ -201,6 +214,15 @@ class EvaluateParams(Section):
     bootstrap_resamples: int = Field(1000, ge=0, le=100_000)  # 0: no confidence intervals
     ci_level: float = Field(0.95, gt=0.0, lt=1.0)
     seed: int = 0  # the bootstrap's resampling
+
+    @model_validator(mode="after")
+    def _oof_needs_a_map(self) -> EvaluateParams:
+        if self.decision_data == "oof" and self.calibration == "none":
+            raise ValueError(
+                "decision_data oof maps the fine-tuned model onto the out-of-fold probabilities, and that map "
+                "is the calibration: set calibration to temperature, platt or isotonic, or decision_data to val"
+            )
+        return self
 
 
 # the test metrics a short summary shows (report summary.md, the retrain job's summary), in reading order
@@ -253,6 +275,15 @@ class Params(Section):
     fine_tune: FineTuneParams = FineTuneParams()
     evaluate: EvaluateParams = EvaluateParams()
     registry: RegistryParams = RegistryParams()
+
+    @model_validator(mode="after")
+    def _oof_needs_folds(self) -> Params:
+        if self.evaluate.decision_data == "oof" and self.train_frozen.oof_folds == 0:
+            raise ValueError(
+                "evaluate.decision_data oof needs out-of-fold predictions: set train_frozen.oof_folds to 2..20, "
+                "or evaluate.decision_data to val"
+            )
+        return self
 
 
 def parse_params(raw: object, source: str = "params") -> Params:

@@ -24,7 +24,7 @@ from tlpipe.core.images import png_bytes
 
 logger = logging.getLogger(__name__)
 
-AUGMENTED_FIELDS = ("path", "label", "label_index", "split", "source")
+AUGMENTED_FIELDS = ("path", "label", "label_index", "split", "source", "group")
 
 
 def resize_transform(size: int) -> A.Compose:
@@ -112,6 +112,8 @@ def _augment(images_dir: Path, split_dir: Path, params: AugmentParams, out_dir: 
                         "label_index": index_of[row["label"]],
                         "split": row["split"],
                         "source": row["path"],
+                        # the split's group (a patient): cross-fitting keeps one in one fold
+                        "group": row.get("group") or "",
                     }
                 )
         write_csv(scratch / "manifest.csv", out_rows, AUGMENTED_FIELDS)

@@ -18,9 +18,10 @@ from tlpipe.core import constants as C
 from tlpipe.core import tracking
 from tlpipe.core.config import EvaluateParams, section_dict
 from tlpipe.core.files import atomic_dir, path_digest, write_csv, write_json
-from tlpipe.evaluate.decide import CALIBRATION_METRICS, calibration_document, fit_decision
+from tlpipe.evaluate.decide import CALIBRATION_METRICS, calibrate_oof, calibration_document, fit_decision
 from tlpipe.evaluate.document import evaluation_metrics
 from tlpipe.evaluate.metrics import calibration_table, pr_points, roc_points
+from tlpipe.evaluate.rules import compare_rules
 from tlpipe.evaluate.shift import shift_document
 from tlpipe.evaluate.thresholds import operating_points
 from tlpipe.model.guard import GUARD_COLUMNS, Guard, guard_columns
@@ -28,6 +29,7 @@ from tlpipe.model.guard import GUARD_COLUMNS, Guard, guard_columns
 if TYPE_CHECKING:
     from tlpipe.data.datasets import SplitData
     from tlpipe.model.decision import Decided
+    from tlpipe.model.oof_file import OutOfFold
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,8 @@ OPERATING_POINT_LOGGED = (
     "value",
     "val_sensitivity",
     "val_specificity",
+    "oof_sensitivity",
+    "oof_specificity",
     "accuracy",
     "balanced_accuracy",
     "sensitivity",
@@ -87,6 +91,9 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
             flat["calibration.temperature"] = value["temperature"]
             for phase in ("before", "after"):
                 flat |= {f"calibration.{phase}.{k}": value[phase][k] for k in CALIBRATION_METRICS}
+        elif key == "decision_rules":
+            for rule, figures in value.items():
+                flat |= {f"{key}.{rule}.{k}": v for k, v in figures.items() if _is_number(v)}
         elif key == "operating_points":
             for name, point in value.items():
                 logged = (k for k in OPERATING_POINT_LOGGED if _is_number(point.get(k)))
@@ -160,6 +167,26 @@ def write_outputs(
         )
 
 
+def out_of_fold(path: Path | None, classes: list[str], required: bool) -> OutOfFold | None:
+    """train-frozen's out-of-fold predictions: an error when the decision needs them and they are not
+    there; otherwise None when absent or empty (they then only fill the rule comparison)."""
+    from tlpipe.core.errors import PipelineError
+    from tlpipe.model.oof_file import read_out_of_fold
+
+    if path is None:
+        if required:
+            raise PipelineError(
+                "evaluate.decision_data: oof needs train-frozen's out-of-fold predictions (--oof FILE)"
+            )
+        return None
+    try:
+        return read_out_of_fold(Path(path), classes)
+    except (PipelineError, FileNotFoundError):
+        if required:
+            raise
+        return None
+
+
 def evaluate(
     augmented_dir: Path,
     model_path: Path,
@@ -168,8 +195,10 @@ def evaluate(
     backbone_weights: str = "imagenet",
     decision_out: Path | None = None,
     guard_out: Path | None = None,
+    oof_path: Path | None = None,
 ) -> dict:
-    """The evaluate stage: the decision fitted on val (``decision_out``, default beside the model), then
+    """The evaluate stage: the decision fitted by ``params.decision_data`` (on val, or on train-frozen's
+    out-of-fold predictions ``oof_path``), saved to ``decision_out`` (default beside the model), then
     metrics.json, plot data and per-image predictions for the test split.
 
     ``backbone_weights`` (train_frozen.weights) tags the MLflow run as ``tlpipe.weights``,
@@ -201,7 +230,9 @@ def evaluate(
     run_tags = {C.WEIGHTS_TAG: backbone_weights, C.MODEL_DIGEST_TAG: path_digest(model_path)}
     with tracking.stage_run("evaluate", run_params, tags=run_tags):
         raw_val, val_features = (None, None) if val is None else scored(model, val, params.batch_size)
-        decision, threshold = fit_decision(params, names, None if val is None else val.labels, raw_val)
+        oof = out_of_fold(oof_path, names, required=params.decision_data == "oof")
+        y_val, val_paths = (None, None) if val is None else (val.labels, val.rel_paths)
+        decision, threshold = fit_decision(params, names, y_val, raw_val, oof, val_paths)
         if threshold is not None and threshold["chosen_on"] == "fallback":
             logger.warning("evaluate: warning: threshold 0.5 used: %s", threshold["reason"])
         # the test split is scored only now, through the decision as predict and the served model apply it
@@ -211,13 +242,27 @@ def evaluate(
         guard, metrics_guard, test_scores = guard_for(model, data, val_features, test_features, params)
         calibrated_val = None if val is None or raw_val is None else decision.calibrate(raw_val)
         operating = None
-        if len(names) == 2 and val is not None and calibrated_val is not None:
+        if len(names) == 2 and decision.chosen_on == "oof" and oof is not None:
+            calibrated_oof = calibrate_oof(params, names, oof)[1][:, 1]
+            operating = operating_points(params, oof.labels, calibrated_oof, test.labels, probs[:, 1], "oof")
+        elif len(names) == 2 and val is not None and calibrated_val is not None:
             operating = operating_points(params, val.labels, calibrated_val[:, 1], test.labels, probs[:, 1])
         metrics = evaluation_metrics(test.labels, probs, names, params, threshold, operating)
         n_val = 0 if val is None else len(val.labels)
         metrics["calibration"] = calibration_document(
-            decision, n_val, test.labels, decided.raw, metrics, params
+            decision,
+            n_val,
+            test.labels,
+            decided.raw,
+            metrics,
+            params,
+            params.decision_data,
+            None if oof is None else len(oof.labels),
         )
+        if val is not None and raw_val is not None:
+            metrics["decision_rules"] = compare_rules(
+                params, names, (val.labels, raw_val, val.rel_paths), oof, test.labels, raw_test
+            )
         metrics["guard"] = metrics_guard
         if val is not None and calibrated_val is not None:
             metrics["shift"] = shift_document(calibrated_val, val.labels, probs, names)

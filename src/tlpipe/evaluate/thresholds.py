@@ -60,8 +60,11 @@ def two_class_probabilities(p1: np.ndarray) -> np.ndarray:
     return class_probabilities(np.reshape(p1, (-1, 1)))
 
 
-def choose_threshold(params: EvaluateParams, y_val: np.ndarray | None, p_val: np.ndarray | None) -> dict:
-    """The decision threshold for two classes, by the configured rule, with what it achieved on val."""
+def choose_threshold(
+    params: EvaluateParams, y_val: np.ndarray | None, p_val: np.ndarray | None, on: str = "val"
+) -> dict:
+    """The decision threshold for two classes, by the configured rule, with what it achieved on the data
+    it was chosen on: ``on`` names it (val, or oof: the out-of-fold predictions over train+val)."""
     if params.threshold == "fixed":
         return {"rule": "fixed", "value": params.fixed_threshold, "chosen_on": "params"}
     positives = np.asarray(y_val) == 1
@@ -73,7 +76,7 @@ def choose_threshold(params: EvaluateParams, y_val: np.ndarray | None, p_val: np
             "rule": params.threshold,
             "value": 0.5,
             "chosen_on": "fallback",
-            "reason": f"the val split has no {missing} images",
+            "reason": f"the {on} predictions have no {missing} images",
         }
     assert p_val is not None  # a rule other than fixed is only chosen with val scores
     if needs_negatives:
@@ -85,17 +88,23 @@ def choose_threshold(params: EvaluateParams, y_val: np.ndarray | None, p_val: np
     return {
         "rule": params.threshold,
         "value": value,
-        "chosen_on": "val",
-        "n_val": len(positives),
-        "val_sensitivity": number_or_none(val_metrics["sensitivity"]),
-        "val_specificity": number_or_none(val_metrics["specificity"]),
+        "chosen_on": on,
+        f"n_{on}": len(positives),
+        f"{on}_sensitivity": number_or_none(val_metrics["sensitivity"]),
+        f"{on}_specificity": number_or_none(val_metrics["specificity"]),
     }
 
 
 def operating_points(
-    params: EvaluateParams, y_val: np.ndarray, p_val: np.ndarray, y_test: np.ndarray, p_test: np.ndarray
+    params: EvaluateParams,
+    y_val: np.ndarray,
+    p_val: np.ndarray,
+    y_test: np.ndarray,
+    p_test: np.ndarray,
+    on: str = "val",
 ) -> dict[str, dict]:
-    """The test decision metrics at cut-offs chosen on val: Youden's and each of ``operating_sensitivities``.
+    """The test decision metrics at cut-offs chosen on val (or ``on`` the out-of-fold predictions, as the
+    decision is): Youden's and each of ``operating_sensitivities``.
 
     Every cut-off is chosen on val, as the one in use is, so the table shows the trade-off without
     tuning on test. Where the val split is unlike the test population, its val and test figures part ways.
@@ -108,7 +117,7 @@ def operating_points(
     decide_on = two_class_probabilities(p_test)
     points = {}
     for name, rule in rules.items():
-        chosen = choose_threshold(params.model_copy(update=rule), y_val, p_val)
+        chosen = choose_threshold(params.model_copy(update=rule), y_val, p_val, on)
         decided = predicted_labels(decide_on, chosen["value"])
         points[name] = {**chosen, **threshold_metrics(y_test, decided, 2)}
     return points

@@ -108,18 +108,28 @@ def scale_temperature(raw: np.ndarray, temperature: float) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def _nll(raw: np.ndarray, y: np.ndarray, temperature: float) -> float:
-    probs = scale_temperature(raw, temperature)
-    return float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-300, None)).mean())
+def _targets(y: np.ndarray, n_classes: int) -> np.ndarray:
+    """Labels as one-hot rows; an (n, n_classes) matrix of probabilities (soft targets) as it is."""
+    y = np.asarray(y)
+    if y.ndim == 2:
+        return y.astype(np.float64)
+    return np.eye(n_classes)[y.astype(np.int64)]
+
+
+def _cross_entropy(targets: np.ndarray, probs: np.ndarray) -> float:
+    return float(-(targets * np.log(np.clip(probs, 1e-300, None))).sum(axis=1).mean())
 
 
 def fit_temperature(raw: np.ndarray, y: np.ndarray) -> float:
-    """The temperature minimising the negative log-likelihood of ``y`` (the val labels)."""
+    """The temperature minimising the cross-entropy of ``y``: labels (the val labels), or soft targets,
+    one row of probabilities per image (out-of-fold probabilities the model is mapped onto)."""
     from scipy.optimize import minimize_scalar
 
-    y = np.asarray(y, dtype=np.int64)
+    targets = _targets(y, raw.shape[1])
     result = minimize_scalar(
-        lambda log_t: _nll(raw, y, float(np.exp(log_t))), bounds=_LOG_T_RANGE, method="bounded"
+        lambda log_t: _cross_entropy(targets, scale_temperature(raw, float(np.exp(log_t)))),
+        bounds=_LOG_T_RANGE,
+        method="bounded",
     )
     return float(np.exp(result.x))
 
@@ -140,19 +150,35 @@ def _two_columns(p1: np.ndarray) -> np.ndarray:
     return np.stack([1.0 - p1, p1], axis=1)
 
 
-def fit_platt(raw: np.ndarray, y: np.ndarray) -> list[float]:
-    """(a, b) of a logistic regression of the val labels on the logit of P(class 1)."""
-    from sklearn.linear_model import LogisticRegression
+def _positive_share(y: np.ndarray) -> np.ndarray:
+    """P(class 1) targets: the labels (0/1), or column 1 of soft targets."""
+    y = np.asarray(y, dtype=np.float64)
+    return y[:, 1] if y.ndim == 2 else y
 
-    fitted = LogisticRegression(C=1e6).fit(_logit(raw[:, 1])[:, None], np.asarray(y))
-    return [float(fitted.coef_[0, 0]), float(fitted.intercept_[0])]
+
+def fit_platt(raw: np.ndarray, y: np.ndarray) -> list[float]:
+    """(a, b) of a logistic regression on the logit of P(class 1): of the val labels, or of soft targets.
+
+    A plain maximum-likelihood fit (no penalty): sklearn's LogisticRegression takes only hard labels.
+    """
+    from scipy.optimize import minimize
+
+    x, t = _logit(raw[:, 1]), _positive_share(y)
+
+    def loss(ab: np.ndarray) -> float:
+        z = ab[0] * x + ab[1]
+        # log(1 + e^z) - t z, the logistic cross-entropy, without overflow
+        return float((np.logaddexp(0.0, z) - t * z).mean())
+
+    fitted = minimize(loss, np.array([1.0, 0.0]), method="L-BFGS-B")
+    return [float(fitted.x[0]), float(fitted.x[1])]
 
 
 def fit_isotonic(raw: np.ndarray, y: np.ndarray) -> list[list[float]]:
-    """The knots of the increasing map of P(class 1) that best fits the val labels."""
+    """The knots of the increasing map of P(class 1) that best fits the val labels (or soft targets)."""
     from sklearn.isotonic import IsotonicRegression
 
-    fitted = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(raw[:, 1], np.asarray(y))
+    fitted = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(raw[:, 1], _positive_share(y))
     return [fitted.X_thresholds_.tolist(), fitted.y_thresholds_.tolist()]
 
 

@@ -11,9 +11,12 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
+
 from tlpipe.core import tracking
 from tlpipe.core.config import TrainFrozenParams, section_dict
-from tlpipe.data.datasets import load_augmented, load_images
+from tlpipe.data.datasets import AugmentedData, load_augmented, load_images
+from tlpipe.model.oof_file import OutOfFold, write_out_of_fold
 from tlpipe.model.storage import save_model_atomically
 from tlpipe.train.checkpoints import Checkpoint, TrainingState, fingerprint
 from tlpipe.train.devices import apply_precision, distribution_strategy
@@ -29,6 +32,7 @@ from tlpipe.train.fitting import (
 )
 from tlpipe.train.head import assemble, build_backbone_model, build_head
 from tlpipe.train.optimization import class_weights
+from tlpipe.train.out_of_fold import cross_fit
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +43,10 @@ def train_frozen(
     model_out: Path,
     history_out: Path,
     checkpoint_dir: Path,
+    oof_out: Path | None = None,
 ) -> dict[str, float]:
-    """The train-frozen stage: features cached once, a head trained on them, one model saved."""
+    """The train-frozen stage: features cached once, a head trained on them, one model saved; and, with
+    ``params.oof_folds``, out-of-fold predictions over train+val (``oof_out``) for the decision rule."""
     strategy = distribution_strategy(params.distribution)
     seed_everything(params.seed)
     policy = apply_precision(params.mixed_precision)
@@ -85,15 +91,34 @@ def train_frozen(
         if best_weights is not None:  # None only when every epoch's val_loss was NaN
             head.set_weights(best_weights)
         head_seconds = time.perf_counter() - start
-        model = assemble(backbone_model, head, n_classes, params.dropout, params.head_l2)
-        save_model_atomically(model, model_out)
-        write_history(state.rows, history_out)
-        checkpoint.finish(state)
         metrics = {
             **best_epoch_metrics(state.rows),
             "feature_seconds": feature_seconds,
             "head_seconds": head_seconds,
         }
+        if oof_out is not None:
+            start = time.perf_counter()
+            write_oof(data, cached, params, int(metrics["best_epoch"]), Path(oof_out))
+            metrics["oof_seconds"] = time.perf_counter() - start
+        model = assemble(backbone_model, head, n_classes, params.dropout, params.head_l2)
+        save_model_atomically(model, model_out)
+        write_history(state.rows, history_out)
+        checkpoint.finish(state)
         tracking.log_metrics(metrics)
         tracking.log_keras_model(model, "model", load_images(data.split("val"), 4))
     return metrics
+
+
+def write_oof(
+    data: AugmentedData, features: dict[str, np.ndarray], params: TrainFrozenParams, epochs: int, out: Path
+) -> None:
+    """The out-of-fold predictions file; with ``oof_folds`` 0 an empty one (DVC expects the output)."""
+    if params.oof_folds == 0:
+        empty = OutOfFold(
+            [], [], np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, len(data.classes)))
+        )
+        write_out_of_fold(out, empty, data.classes)
+        return
+    oof = cross_fit(data, features, params, params.oof_folds, max(epochs, 1))
+    write_out_of_fold(out, oof, data.classes)
+    logger.info(f"train-frozen: out-of-fold predictions for {len(oof.paths)} train+val images in {out}")

@@ -1,0 +1,109 @@
+"""Issue 17's comparison of the decision rules, as docs/decision.md fixed it before the runs.
+
+In a scratch copy of the repository, one dataset brought in as the README says, the recipe applied, then
+for each seed (``train_frozen.seed`` and ``fine_tune.seed``; split and augmentation unchanged) the pipeline
+reproduced through evaluate. Evaluate fits both rules (``val`` and ``oof``) on the same model and writes
+their test figures to ``metrics.json`` ``decision_rules``; this collects them per seed with the mean.
+The frozen feature cache is reused across seeds (same backbone, same images). Not part of the test suite:
+Kermany about 15 min per seed, PneumoniaMNIST about 8, on 2 cores.
+
+    .venv/bin/python benchmarks/decision_rules.py kermany --seeds 1 2 3 --out results/rules_kermany.json
+    .venv/bin/python benchmarks/decision_rules.py pneumoniamnist --seeds 1 2 3 --out results/rules_pmnist.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench_repo import SHARED, bring_in, copy_repo, edit_params, environment, report_json, run_stages
+
+DATASETS = {
+    # recipe, the shared data, the params that point the recipe at the brought-in copy
+    "kermany": ("kermany", SHARED / "chest_xray", lambda path: []),
+    "pneumoniamnist": (
+        "pneumoniamnist",
+        SHARED / "pneumoniamnist.npz",
+        lambda path: ["data.medmnist.name=null", f"data.medmnist.path={path}"],
+    ),
+}
+FIGURES = ("accuracy", "sensitivity", "specificity", "roc_auc", "ece", "threshold", "temperature")
+
+
+def mean_table(per_seed: list[dict]) -> dict:
+    """Each rule's figures averaged over the seeds (None where a seed lacks one)."""
+    table: dict = {}
+    for rule in ("val", "oof"):
+        table[rule] = {}
+        for name in FIGURES:
+            values = [s["rules"][rule].get(name) for s in per_seed if rule in s["rules"]]
+            numbers = [v for v in values if v is not None]
+            table[rule][name] = (
+                round(sum(numbers) / len(numbers), 4) if numbers and len(numbers) == len(values) else None
+            )
+    return table
+
+
+def run(dataset: str, seeds: list[int], log_dir: Path) -> dict:
+    recipe, data, point_at = DATASETS[dataset]
+    per_seed = []
+    with tempfile.TemporaryDirectory(prefix=f"tlpipe-bench-rules-{dataset}-") as tmp:
+        repo = Path(tmp)
+        copy_repo(repo)
+        target = bring_in(repo, data, data.name)
+        tlpipe = Path(sys.executable).parent / "tlpipe"
+        subprocess.run([str(tlpipe), "recipe", recipe], cwd=repo, env=environment(repo), check=True)
+        edit_params(repo, point_at(target))
+        for seed in seeds:
+            edit_params(repo, [f"train_frozen.seed={seed}", f"fine_tune.seed={seed}"])
+            seconds, _ = run_stages(repo, f"{dataset}-seed{seed}", log_dir)
+            metrics = json.loads((repo / "results/evaluate/metrics.json").read_text())
+            kept = log_dir / f"{dataset}-seed{seed}"
+            shutil.copytree(repo / "results", kept / "results", dirs_exist_ok=True)
+            shutil.copy2(repo / "models/decision.json", kept / "decision.json")
+            per_seed.append(
+                {
+                    "seed": seed,
+                    "seconds": seconds,
+                    "served_rule": metrics["calibration"]["fitted_on"],
+                    "rules": {
+                        rule: {k: figures.get(k) for k in (*FIGURES, "val_sensitivity", "val_specificity")}
+                        for rule, figures in metrics["decision_rules"].items()
+                        if "skipped" not in figures
+                    },
+                    "served": {
+                        k: metrics.get(k)
+                        for k in ("accuracy", "sensitivity", "specificity", "roc_auc", "ece")
+                    },
+                    "guard": metrics.get("guard"),
+                    "shift": metrics.get("shift"),
+                }
+            )
+            print(json.dumps(per_seed[-1]["rules"]), file=sys.stderr, flush=True)
+    return {"dataset": dataset, "seeds": seeds, "per_seed": per_seed, "mean": mean_table(per_seed)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("dataset", choices=sorted(DATASETS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--log-dir", type=Path, default=Path("results/bench_logs"))
+    args = parser.parse_args(argv)
+    if not DATASETS[args.dataset][1].exists():
+        print(f"no {DATASETS[args.dataset][1]}: this benchmark needs ../shared/data", file=sys.stderr)
+        return 2
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    report_json(run(args.dataset, args.seeds, args.log_dir), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
