@@ -85,7 +85,34 @@ def run(dataset: str, seeds: list[int], log_dir: Path) -> dict:
                 }
             )
             print(json.dumps(per_seed[-1]["rules"]), file=sys.stderr, flush=True)
-    return {"dataset": dataset, "seeds": seeds, "per_seed": per_seed, "mean": mean_table(per_seed)}
+        registered = register(repo, log_dir / f"{dataset}-registered.md")
+    return {
+        "dataset": dataset,
+        "seeds": seeds,
+        "per_seed": per_seed,
+        "mean": mean_table(per_seed),
+        "registered": registered,
+    }
+
+
+def register(repo: Path, card_copy: Path) -> dict:
+    """The last seed's model registered with its model card, as `tlpipe promote --model-card` does; the
+    registered version's description read back from MLflow and kept beside the logs."""
+    tlpipe = Path(sys.executable).parent / "tlpipe"
+    env = environment(repo)
+    subprocess.run([str(tlpipe), "promote", "--model-card", "results/report/model_card.md"], cwd=repo, env=env,
+                   check=True)  # fmt: skip
+    read_back = (
+        "import json, mlflow; c = mlflow.MlflowClient(); "
+        "v = max(c.search_model_versions(\"name='tlpipe-classifier'\"), key=lambda v: int(v.version)); "
+        "print(json.dumps({'version': v.version, 'description': v.description}))"
+    )
+    out = subprocess.run([sys.executable, "-c", read_back], cwd=repo, env=env, check=True, capture_output=True,
+                         text=True).stdout  # fmt: skip
+    version = json.loads(out.strip().splitlines()[-1])
+    card_copy.write_text(version["description"] or "")
+    card = (repo / "results/report/model_card.md").read_text()
+    return {"version": version["version"], "description_is_the_card": version["description"] == card}
 
 
 def main(argv: list[str] | None = None) -> int:
