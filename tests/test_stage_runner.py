@@ -147,7 +147,8 @@ def test_stage_script_prints_no_traceback(tmp_path: Path) -> None:
     """The real script end to end: exit status and stderr as DVC shows them."""
     bad = _params(tmp_path, "evaluate:\n  batch_size: -1\n")
     args = ["--params", bad, "--data", "d", "--model", "m", "--out", str(tmp_path / "o"),
-            "--decision", str(tmp_path / "decision.json"), "--guard", str(tmp_path / "guard.npz")]  # fmt: skip
+            "--decision", str(tmp_path / "decision.json"), "--guard", str(tmp_path / "guard.npz"),
+            "--oof", str(tmp_path / "oof.csv")]  # fmt: skip
     result = _run_script("evaluate.py", args, TF_CPP_MIN_LOG_LEVEL="3")
     assert result.returncode == 1
     assert len(_error_lines(result.stderr, "evaluate")) == 1

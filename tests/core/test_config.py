@@ -621,3 +621,27 @@ def test_operating_sensitivities_name_the_bad_item(value, says):
 
 def test_operating_sensitivities_may_be_empty():
     assert parse_params(_nest("evaluate.operating_sensitivities", [])).evaluate.operating_sensitivities == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "named"),
+    [
+        (
+            {"evaluate": {"calibration": "none"}},
+            "set calibration to temperature, platt or isotonic, or decision_data to val",
+        ),
+        ({"train_frozen": {"oof_folds": 0}}, "evaluate.decision_data oof needs out-of-fold predictions"),
+        ({"train_frozen": {"oof_folds": 1}}, "train_frozen.oof_folds: one fold holds nothing out"),
+    ],
+)
+def test_the_oof_decision_rule_refuses_settings_it_cannot_work_with(raw, named):
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw)
+    assert named in str(err.value)
+
+
+def test_the_val_rule_works_without_folds_or_calibration():
+    params = parse_params(
+        {"evaluate": {"decision_data": "val", "calibration": "none"}, "train_frozen": {"oof_folds": 0}}
+    )
+    assert (params.evaluate.decision_data, params.train_frozen.oof_folds) == ("val", 0)

@@ -100,3 +100,65 @@ def test_platt_and_isotonic_are_refused_for_more_classes():
             np.arange(6) % 3,
             probs,
         )
+
+
+def _oof(labels: np.ndarray, p1: np.ndarray, splits: list[str]):
+    from tlpipe.model.oof_file import OutOfFold
+
+    paths = [f"{s}/img{k}.png" for k, s in enumerate(splits)]
+    return OutOfFold(paths, splits, np.arange(len(labels)) % 5, labels, np.stack([1 - p1, p1], axis=1))
+
+
+def test_oof_rule_chooses_the_cut_off_out_of_fold_and_maps_the_model_through_val():
+    """An easy val split (the model separates it with saturated scores) leaves the val rule's cut-off
+    anywhere in a wide gap; the out-of-fold predictions have errors, and the oof rule's cut-off is
+    Youden's on them, applied to the model mapped onto their scale."""
+    from tlpipe.evaluate.thresholds import youden_threshold
+
+    rng = np.random.default_rng(7)
+    n_train, n_val = 2000, 300
+    y = (rng.uniform(size=n_train + n_val) < 0.7).astype(np.int64)
+    z = np.where(y == 1, 1.0, -1.0) + rng.normal(0, 1.2, len(y))  # out of fold: the classes overlap
+    oof = _oof(y, 1 / (1 + np.exp(-z)), ["train"] * n_train + ["val"] * n_val)
+    y_val = y[n_train:]
+    # the fine-tuned model on val: the same ranking as the out-of-fold scores, saturated
+    p_val = 1 / (1 + np.exp(-4 * z[n_train:]))
+    raw_val = np.stack([1 - p_val, p_val], axis=1)
+    val_paths = oof.paths[n_train:]
+    params = EvaluateParams(bootstrap_resamples=0)
+    decision, threshold = fit_decision(params, ["neg", "pos"], y_val, raw_val, oof, val_paths)
+
+    assert decision.chosen_on == threshold["chosen_on"] == "oof" and threshold["n_oof"] == len(y)
+    from tlpipe.evaluate.decide import calibrate_oof
+
+    calibrated_oof = calibrate_oof(params, ["neg", "pos"], oof)[1][:, 1]
+    assert decision.threshold == youden_threshold(calibrated_oof, y == 1)
+    from tlpipe.model.decision import fit_temperature
+
+    # the out-of-fold scale is sigmoid(z / T_oof); the model's is sigmoid(4 z): the map divides by 4 T_oof
+    t_oof = fit_temperature(oof.probabilities, y)
+    assert decision.temperature == pytest.approx(4 * t_oof, rel=0.03)
+    mapped = decision.calibrate(raw_val)
+    np.testing.assert_allclose(mapped[:, 1], calibrated_oof[n_train:], atol=0.02)
+    # the val figures are those of the served decision on val, beside the out-of-fold ones it was chosen on
+    called = mapped[:, 1] >= decision.threshold
+    assert decision.val_sensitivity == pytest.approx(called[y_val == 1].mean())
+    assert (
+        threshold["oof_sensitivity"] is not None and threshold["val_specificity"] == decision.val_specificity
+    )
+
+
+def test_oof_rule_refuses_out_of_fold_predictions_from_other_images():
+    from tlpipe.core.errors import PipelineError
+
+    y = np.array([0, 1] * 20)
+    oof = _oof(y, np.where(y == 1, 0.7, 0.3), ["train"] * 30 + ["val"] * 10)
+    raw_val = np.tile([0.4, 0.6], (10, 1))
+    with pytest.raises(
+        PipelineError, match=r"10 val images have no out-of-fold prediction.*rerun train-frozen"
+    ):
+        fit_decision(
+            EvaluateParams(), ["a", "b"], y[30:], raw_val, oof, [f"val/other{k}.png" for k in range(10)]
+        )
+    with pytest.raises(PipelineError, match="decision_data: oof needs the out-of-fold predictions"):
+        fit_decision(EvaluateParams(), ["a", "b"], y[30:], raw_val, None, None)

@@ -17,6 +17,7 @@ from evaluate_cases import BIN_P1, BIN_PROBS, BIN_Y, TRI_PROBS, TRI_Y, VAL_P1, V
 
 from augmented_fixture import make_augmented
 from tlpipe.core.config import EvaluateParams
+from tlpipe.core.errors import PipelineError
 from tlpipe.evaluate.document import classification_metrics, evaluation_metrics
 from tlpipe.evaluate.stage import evaluate, flat_metrics, metric_key
 from tlpipe.evaluate.thresholds import choose_threshold, operating_points
@@ -388,3 +389,62 @@ def test_predict_and_the_served_model_answer_exactly_as_evaluate_decided(tmp_pat
                                rtol=0, atol=1e-6)  # fmt: skip
     assert set(answer["operating_point"]) == {decision.operating_point}
     assert list(answer["unfamiliar"]) == [r["unfamiliar"] for r in expected]
+
+
+def _write_oof(data: Path, path: Path, classes: list[str]) -> int:
+    """Out-of-fold predictions for every train and val image: right mostly, wrong sometimes."""
+    from tlpipe.model.oof_file import OutOfFold, write_out_of_fold
+
+    rows = [r for r in _read(data / "manifest.csv") if r["split"] in ("train", "val")]
+    labels = np.array([classes.index(r["label"]) for r in rows])
+    rng = np.random.default_rng(0)
+    p1 = np.clip(np.where(labels == 1, 0.7, 0.3) + rng.normal(0, 0.25, len(rows)), 0.02, 0.98)
+    oof = OutOfFold([r["path"] for r in rows], [r["split"] for r in rows], np.arange(len(rows)) % 5, labels,
+                    np.stack([1 - p1, p1], axis=1))  # fmt: skip
+    write_out_of_fold(path, oof, classes)
+    return len(rows)
+
+
+def test_the_default_oof_rule_is_served_exactly_and_compared_with_the_val_rule(tmp_path: Path) -> None:
+    """Under the default rule (out of fold) evaluate's decision is what predict applies, label for label and
+    probability for probability; metrics.json shows both rules on the same model."""
+    import io
+
+    from tlpipe.model.decision import load_decision
+    from tlpipe.serve.predict import predict
+
+    classes = ["red", "green"]
+    data = make_augmented(tmp_path / "aug", classes, {"train": 8, "val": 6, "test": 6})
+    n_oof = _write_oof(data, tmp_path / "oof.csv", classes)
+    model = _colour_model(2, tmp_path / "m.keras", bias=3.0)
+    out = tmp_path / "out"
+    metrics = evaluate(data, model, EvaluateParams(bootstrap_resamples=0), out, oof_path=tmp_path / "oof.csv")
+
+    threshold, calibration = metrics["threshold"], metrics["calibration"]
+    assert threshold["chosen_on"] == "oof" and threshold["n_oof"] == n_oof == 28 and threshold["n_val"] == 12
+    assert calibration["fitted_on"] == "oof" and calibration["n_oof"] == n_oof
+    assert all(p["chosen_on"] == "oof" for p in metrics["operating_points"].values())
+    rules = metrics["decision_rules"]
+    assert set(rules) == {"val", "oof"}
+    assert rules["oof"]["threshold"] == threshold["value"] and rules["oof"]["accuracy"] == metrics["accuracy"]
+    assert rules["val"]["temperature"] != rules["oof"]["temperature"]
+    decision = load_decision(tmp_path / "decision.json")
+    assert decision.chosen_on == "oof" and decision.threshold == threshold["value"]
+
+    expected = _read(out / "predictions.csv")
+    buffer = io.StringIO()
+    predict(model, [str(data / r["path"]) for r in expected], data / "classes.json", buffer)
+    rows = list(csv.DictReader(io.StringIO(buffer.getvalue())))
+    assert [r["predicted"] for r in rows] == [r["predicted"] for r in expected]
+    for k in ("p_red", "p_green", "raw_p_green"):
+        np.testing.assert_allclose(
+            [float(r[k]) for r in rows], [float(e[k]) for e in expected], rtol=0, atol=1e-6
+        )
+    assert {r["operating_point"] for r in rows} == {decision.operating_point}
+
+
+def test_the_oof_rule_without_out_of_fold_predictions_says_what_to_do(tmp_path: Path) -> None:
+    data = make_augmented(tmp_path / "aug", ["red", "green"], {"train": 2, "val": 2, "test": 2})
+    with pytest.raises(PipelineError, match="decision_data: oof needs"):
+        evaluate(data, _colour_model(2, tmp_path / "m.keras"), EvaluateParams(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

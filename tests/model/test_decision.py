@@ -94,3 +94,27 @@ def test_a_broken_decision_file_is_an_error_naming_the_file(tmp_path, content, m
     assert str(path) in str(err.value)
     with pytest.raises(PipelineError, match="no decision file"):
         load_decision(tmp_path / "missing.json")
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_each_calibration_fits_soft_targets_as_well_as_labels():
+    """The oof rule maps the model onto other probabilities (no labels): each method recovers the map."""
+    from tlpipe.model.decision import fit_isotonic, fit_platt, fit_temperature, scale_temperature
+
+    rng = np.random.default_rng(4)
+    z = rng.normal(0, 0.8, (500, 3))  # unsaturated: logits from clipped probabilities would bias T
+    raw, targets = _softmax(4 * z), _softmax(z)
+    assert fit_temperature(raw, targets) == pytest.approx(4.0, rel=1e-3)
+    np.testing.assert_allclose(scale_temperature(raw, 4.0), targets, atol=1e-6)
+
+    logit = rng.normal(0, 3, 500)
+    raw2 = np.stack([1 / (1 + np.exp(logit)), 1 / (1 + np.exp(-logit))], axis=1)
+    soft = 1 / (1 + np.exp(-(0.3 * logit - 0.5)))
+    a, b = fit_platt(raw2, np.stack([1 - soft, soft], axis=1))
+    assert (a, b) == (pytest.approx(0.3, abs=1e-3), pytest.approx(-0.5, abs=1e-3))
+    knots_x, knots_y = fit_isotonic(raw2, np.stack([1 - soft, soft], axis=1))
+    np.testing.assert_allclose(np.interp(raw2[:, 1], knots_x, knots_y), soft, atol=1e-9)

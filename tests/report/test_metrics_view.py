@@ -74,7 +74,10 @@ def test_two_classes_list_the_val_chosen_operating_points(tmp_path: Path) -> Non
     fallback = {"rule": "target_sensitivity", "value": 0.5, "chosen_on": "fallback", "reason": "no val"}
     metrics = {**BINARY, "operating_points": {"youden": youden, "sensitivity_0.9": strict, "x": fallback}}
     headline = section_of(report(make_inputs(tmp_path, metrics=metrics))[0], "headline")
-    assert "Other operating points. Each cut-off is chosen on the val split" in headline
+    assert (
+        "Other operating points. Each cut-off is chosen as the one in use is, on val or out of fold"
+        in headline
+    )
     assert "<th>cut-off chosen on val by</th><th>cut-off</th><th>val sensitivity</th>" in headline
     assert "<tr><td>Youden&#39;s J</td><td>0.3125</td><td>0.9000</td><td>0.8500</td>" in headline
     row = "<tr><td>sensitivity &gt;= 0.9</td><td>0.9375</td><td>0.9000</td><td>1.0000</td><td>0.7000</td>"
@@ -83,6 +86,38 @@ def test_two_classes_list_the_val_chosen_operating_points(tmp_path: Path) -> Non
     # without them (more classes, or no val split) there is no such table
     plain = section_of(report(make_inputs(tmp_path / "plain", metrics=BINARY))[0], "headline")
     assert "Other operating points" not in plain
+
+
+def test_an_out_of_fold_decision_is_said_so_and_both_rules_are_tabled(tmp_path: Path) -> None:
+    from tlpipe.report.metrics_view import calibration_line, decision_rule
+
+    threshold = {"rule": "youden", "value": 0.7311, "chosen_on": "oof", "n_oof": 5000, "oof_sensitivity": 0.9,
+                 "oof_specificity": 0.8, "n_val": 780, "val_sensitivity": 0.99, "val_specificity": 0.97}  # fmt: skip
+    line = decision_rule({"threshold": threshold}, ["NORMAL", "PNEUMONIA"])
+    assert (
+        line is not None
+        and "chosen on out-of-fold predictions over train+val (youden rule, 5000 images" in line
+    )
+    assert "sensitivity 0.900 out of fold" in line and "specificity 0.970 on val" in line
+    figures = {"ece": 0.1, "brier": 0.1, "log_loss": 0.3}
+    doc = {"method": "temperature", "temperature": 3.0, "fitted_on": "oof", "n_oof": 5000, "n_val": 780,
+           "before": figures, "after": figures}  # fmt: skip
+    assert (
+        "fitted on 5000 out-of-fold predictions over train+val, the model mapped onto them through 780 val"
+        in (calibration_line({"calibration": doc}) or "")
+    )
+    rules = {
+        "val": {"threshold": 0.9, "temperature": 1.1, "accuracy": 0.84, "sensitivity": 0.99, "specificity": 0.6,
+                "roc_auc": 0.97, "ece": 0.1},
+        "oof": {"threshold": 0.7311, "temperature": 3.0, "accuracy": 0.88, "sensitivity": 0.97,
+                "specificity": 0.72, "roc_auc": 0.97, "ece": 0.06},
+    }  # fmt: skip
+    metrics = {**BINARY, "threshold": threshold, "calibration": {**BINARY.get("calibration", doc), **doc},
+               "decision_rules": rules}  # fmt: skip
+    headline = section_of(report(make_inputs(tmp_path, metrics=metrics))[0], "headline")
+    assert "Both decision rules on this model" in headline
+    assert "<tr><td>oof (served)</td><td>0.7311</td><td>3</td><td>0.8800</td>" in headline
+    assert "<tr><td>val</td><td>0.9000</td><td>1.1</td><td>0.8400</td>" in headline
 
 
 def test_the_calibration_and_what_it_changed_are_stated() -> None:

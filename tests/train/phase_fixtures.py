@@ -33,6 +33,7 @@ class Trained:
     fine_history: Path
     fine_metrics: dict
     fine_run: str
+    oof: Path
 
 
 def train_both_phases(root: Path, frozen_epochs: int, fine_epochs: int, mlflow_store: str) -> Trained:
@@ -43,8 +44,9 @@ def train_both_phases(root: Path, frozen_epochs: int, fine_epochs: int, mlflow_s
         out = root.parent
         frozen_params = TrainFrozenParams(epochs=frozen_epochs, batch_size=8, learning_rate=0.01, patience=5)
         frozen_metrics = train_frozen(
-            root, frozen_params, out / "frozen.keras", out / "frozen" / "history.csv", out / "ckpt-frozen"
-        )
+            root, frozen_params, out / "frozen.keras", out / "frozen" / "history.csv", out / "ckpt-frozen",
+            out / "frozen" / "oof.csv",
+        )  # fmt: skip
         frozen_run = mlflow.last_active_run().info.run_id
         fine_params = FineTuneParams(
             unfreeze_blocks=2, epochs=fine_epochs, batch_size=8, learning_rate=1e-3, patience=5
@@ -64,6 +66,7 @@ def train_both_phases(root: Path, frozen_epochs: int, fine_epochs: int, mlflow_s
         out / "fine" / "history.csv",
         fine_metrics,
         fine_run,
+        out / "frozen" / "oof.csv",
     )
 
 

@@ -124,6 +124,17 @@ def decision_rule(metrics: dict, classes: Sequence[str]) -> str | None:
         on_val = f"; on val: {', '.join(found)}" if found else ""
         n_val = f", {rule['n_val']} images" if rule.get("n_val") else ""
         return f"{called}, the cut-off chosen on the val split ({rule.get('rule')} rule{on_val}{n_val})."
+    if rule.get("chosen_on") == "oof":
+        found = [
+            f"{k} {rule[f'{on}_{k}']:.3f} {where}"
+            for on, where in (("oof", "out of fold"), ("val", "on val"))
+            for k in ("sensitivity", "specificity")
+            if rule.get(f"{on}_{k}") is not None
+        ]
+        return (
+            f"{called}, the cut-off chosen on out-of-fold predictions over train+val ({rule.get('rule')} rule, "
+            f"{rule.get('n_oof')} images; {', '.join(found)})."
+        )
     if rule.get("chosen_on") == "fallback":
         return (
             f"{called}: the {rule.get('rule')} rule could not be applied ({rule.get('reason', 'no reason')})."
@@ -145,11 +156,15 @@ def at_half_table(metrics: dict) -> list[list[str]] | None:
 
 
 def operating_points_table(metrics: dict) -> list[list[str]] | None:
-    """Each val-chosen cut-off with its val sensitivity and specificity and its test figures."""
+    """Each cut-off chosen on val (or out of fold, as the decision was) with its sensitivity and specificity
+    there and its test figures."""
     points = metrics.get("operating_points")
     if not isinstance(points, dict) or not points:
         return None
-    rows = [["cut-off chosen on val by", "cut-off", "val sensitivity", "val specificity"]]
+    on = next((p["chosen_on"] for p in points.values() if p.get("chosen_on") in ("val", "oof")), "val")
+    where = "out of fold" if on == "oof" else "val"
+    rows = [[f"cut-off chosen {'on ' if on == 'val' else ''}{where} by", "cut-off"]]
+    rows[0] += [f"{where} sensitivity", f"{where} specificity"]
     rows[0] += [f"test {metric_label(k)}" for k in ("accuracy", "sensitivity", "specificity")]
     for name, point in points.items():
         rule = "Youden's J" if name == "youden" else name.replace("sensitivity_", "sensitivity >= ")
@@ -157,7 +172,7 @@ def operating_points_table(metrics: dict) -> list[list[str]] | None:
             rule += f" (not applicable: {point.get('reason', 'no reason')}; 0.5 used)"
         rows.append(
             [rule, f"{point['value']:.4f}"]
-            + [format_metric(point.get(k)) for k in ("val_sensitivity", "val_specificity")]
+            + [format_metric(point.get(f"{on}_{k}")) for k in ("sensitivity", "specificity")]
             + [format_metric(point.get(k)) for k in ("accuracy", "sensitivity", "specificity")]
         )
     return rows
@@ -176,10 +191,36 @@ BOOTSTRAP_NOTE = (
     "the decisions themselves are fixed, so they show the uncertainty from which images were tested."
 )
 OPERATING_POINTS_NOTE = (
-    "Other operating points. Each cut-off is chosen on the val split, as the one in use is "
-    "(evaluate.threshold picks the rule). Test figures far from the val ones mean that the val "
-    "split does not look like the test population."
+    "Other operating points. Each cut-off is chosen as the one in use is, on val or out of fold "
+    "(evaluate.threshold picks the rule, evaluate.decision_data the data). Test figures far from those "
+    "mean that the data the cut-off was chosen on does not look like the test population."
 )
+RULES_NOTE = (
+    "Both decision rules on this model (evaluate.decision_data, docs/decision.md): val fits calibration and "
+    "cut-off on the val split; oof on out-of-fold predictions over train+val, the model mapped onto them. "
+    "The served rule is marked; the other is shown to inform, not to be picked by its test figures."
+)
+
+
+def decision_rules_table(metrics: dict) -> list[list[str]] | None:
+    """The test figures of each decision rule on this model (metrics.json's decision_rules)."""
+    rules = metrics.get("decision_rules")
+    if not isinstance(rules, dict) or not rules:
+        return None
+    served = (metrics.get("calibration") or {}).get("fitted_on")
+    keys = ("accuracy", "sensitivity", "specificity", "roc_auc", "ece")
+    rows = [["rule", "cut-off", "temperature", *(f"test {metric_label(k)}" for k in keys)]]
+    for name, figures in rules.items():
+        label = name + (" (served)" if name == served else "")
+        if "skipped" in figures:
+            rows.append([label, f"not fitted: {figures['skipped']}", *[""] * (len(keys) + 1)])
+            continue
+        cut = figures.get("threshold")
+        rows.append(
+            [label, "argmax" if cut is None else f"{cut:.4f}", f"{figures['temperature']:.3g}"]
+            + [format_metric(figures.get(k)) for k in keys]
+        )
+    return rows
 
 
 def calibration_line(metrics: dict) -> str | None:
@@ -199,9 +240,18 @@ def calibration_line(metrics: dict) -> str | None:
         "isotonic": f"isotonic regression ({doc.get('isotonic_knots')} knots",
     }[doc["method"]]
     return (
-        f"Probabilities calibrated by {how}, fitted on {doc['n_val']} val images; predict and the served "
+        f"Probabilities calibrated by {how}, fitted on {_fitted_on(doc)}; predict and the served "
         f"model apply the same): on test, {change}."
     )
+
+
+def _fitted_on(doc: dict) -> str:
+    if doc.get("fitted_on") == "oof":
+        return (
+            f"{doc.get('n_oof')} out-of-fold predictions over train+val, the model mapped onto them through "
+            f"{doc['n_val']} val images"
+        )
+    return f"{doc['n_val']} val images"
 
 
 def guard_line(metrics: dict) -> str | None:
@@ -239,4 +289,7 @@ def headline_blocks(metrics: dict, classes: list[str]) -> list[Block]:
     points = operating_points_table(metrics)
     if points:
         blocks += [Paragraph(OPERATING_POINTS_NOTE), Table(points)]
+    rules = decision_rules_table(metrics)
+    if rules:
+        blocks += [Paragraph(RULES_NOTE), Table(rules)]
     return blocks

@@ -106,7 +106,7 @@ def card_sections(metrics: dict, classes: Sequence[str], params: Params, summary
             [
                 f"Val sensitivity {threshold.get('val_sensitivity')}, specificity {threshold.get('val_specificity')}; "
                 f"test {_with_ci(metrics, 'sensitivity')} and {_with_ci(metrics, 'specificity')}."
-                if threshold.get("chosen_on") == "val"
+                if threshold.get("chosen_on") in ("val", "oof")
                 else "No val-chosen threshold.",
                 shift.get("statement", "No val split to compare with."),
             ],
