@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.installed
 # stage commands call `python`: make it the one in .venv, whatever the caller's PATH holds
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup run test test-fast lint retrain clean
+.PHONY: setup run test test-fast lint retrain app clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,10 @@ lint: $(STAMP)
 
 retrain: $(STAMP)
 	$(BIN)/tlpipe retrain $(RETRAIN_ARGS)
+
+# the upload page on http://127.0.0.1:8501/ for models/model.keras (APP_ARGS: --model URI, --port N, ...)
+app: $(STAMP)
+	$(BIN)/tlpipe app $(APP_ARGS)
 
 clean:
 	rm -rf data/raw data/split data/augmented models results mlruns mlflow.db

@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 # name -> (module, one-line help)
 COMMANDS = {
+    "app": ("tlpipe.serve.app", "a local web page to upload images and see the model's answers"),
     "predict": ("tlpipe.serve.predict", "classify image files or folders; CSV to stdout or --out"),
     "promote": (
         "tlpipe.ops.registry",
