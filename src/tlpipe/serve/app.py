@@ -77,7 +77,7 @@ class Served:
         answer = self.classify(data)
         label = self.decision.classes.index(answer["predicted"])
         with self.lock:
-            cam = gradcam_maps(self.model, pixels[None], np.array([label]))[0]  # type: ignore[arg-type]
+            cam = gradcam_maps(self.model, pixels[None], np.array([label]))[0]
         buffer = io.BytesIO()
         Image.fromarray(overlay(pixels.astype(np.uint8), cam)).save(buffer, format="PNG")
         return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
