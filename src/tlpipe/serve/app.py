@@ -2,9 +2,9 @@
 
 A small Starlette app served by uvicorn (both already pinned: MLflow's server runs on them), with one plain
 HTML page and no assets from the internet. Each uploaded file is sent as the body of one request, read
-into memory (never written to disk) up to a size limit, its pixel count checked from its header, and
-classified by :func:`tlpipe.serve.pyfunc.classify_images`, the function the served MLflow model runs, with
-the model's saved decision and guard. Nothing that holds patient data is logged: no file names, no pixels.
+into memory (never written to disk) up to a size limit, and classified by
+:func:`tlpipe.serve.pyfunc.classify_images`, the function the served MLflow model runs, with the model's
+saved decision and guard, its pixel count checked from its header before it is decoded. Nothing that holds patient data is logged: no file names, no pixels.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from tlpipe.core.errors import PipelineError
-from tlpipe.core.images import Rejected, open_image_bytes
+from tlpipe.core.images import Rejected
 from tlpipe.model.decision import Decision
 from tlpipe.model.guard import Guard
 from tlpipe.serve.model_summary import card_summary, local_summary, registry_summary
@@ -48,20 +48,16 @@ class Served:
     summary: dict
     max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 1e6)
     max_pixels: int = DEFAULT_MAX_PIXELS
-    lock: threading.Lock = field(
-        default_factory=threading.Lock
-    )  # one model call at a time: TF runs it on all cores
+    # one image at a time: TensorFlow runs a model on all cores anyway, and decoding swaps Pillow's
+    # process-wide pixel limit, which concurrent decodes must not interleave
+    lock: threading.RLock = field(default_factory=threading.RLock)
 
     def classify(self, data: bytes) -> dict:
         """One answer, with the columns and values of ``tlpipe predict``'s CSV (less the path)."""
         from tlpipe.serve.pyfunc import classify_images
 
-        try:
-            check_pixels(data, self.max_pixels)
-        except Rejected as err:
-            return {"predicted": "", "error": str(err)}
         with self.lock:
-            frame = classify_images(self.model, self.decision, [data], self.guard)
+            frame = classify_images(self.model, self.decision, [data], self.guard, self.max_pixels)
         return {k: _json_value(v) for k, v in frame.iloc[0].to_dict().items()}
 
     def heatmap(self, data: bytes) -> str:
@@ -71,12 +67,10 @@ class Served:
         from tlpipe.data.pixels import bytes_pixels
         from tlpipe.model.gradcam import gradcam_maps, overlay
 
-        check_pixels(data, self.max_pixels)
         size = int(self.model.input_shape[1])  # type: ignore[attr-defined]
-        pixels = bytes_pixels(data, size)
-        answer = self.classify(data)
-        label = self.decision.classes.index(answer["predicted"])
         with self.lock:
+            pixels = bytes_pixels(data, size, self.max_pixels)
+            label = self.decision.classes.index(self.classify(data)["predicted"])
             cam = gradcam_maps(self.model, pixels[None], np.array([label]))[0]
         buffer = io.BytesIO()
         Image.fromarray(overlay(pixels.astype(np.uint8), cam)).save(buffer, format="PNG")
@@ -87,18 +81,6 @@ def _json_value(value: object) -> object:
     if isinstance(value, float) and math.isnan(value):
         return None
     return value.item() if isinstance(value, np.generic) else value
-
-
-def check_pixels(data: bytes, max_pixels: int) -> None:
-    """Refuse an image whose header declares more than ``max_pixels`` pixels, before it is decoded."""
-    try:
-        width, height = open_image_bytes(data).size
-    except Rejected:
-        raise
-    except Exception as err:
-        raise Rejected(f"cannot read image: {err}") from None
-    if width * height > max_pixels:
-        raise Rejected(f"{width} x {height} pixels is over the page's limit of {max_pixels} (--max-pixels)")
 
 
 def load_served(model: str, classes: Path | None, decision: Path | None) -> Served:

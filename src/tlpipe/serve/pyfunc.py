@@ -36,7 +36,7 @@ from mlflow.pyfunc import PythonModel
 
 from tlpipe.core.files import read_json
 from tlpipe.core.images import Rejected
-from tlpipe.data.pixels import bytes_pixels
+from tlpipe.data.pixels import MAX_PIXELS, bytes_pixels
 from tlpipe.model.decision import Decision, argmax_decision, load_decision
 from tlpipe.model.guard import Guard, feature_model, guard_columns, load_guard
 from tlpipe.model.inference import decide
@@ -63,7 +63,11 @@ def image_bytes(value: object) -> bytes:
 
 
 def classify_images(
-    model, decision: Decision, images: Iterable[object], guard: Guard | None = None
+    model,
+    decision: Decision,
+    images: Iterable[object],
+    guard: Guard | None = None,
+    max_pixels: int = MAX_PIXELS,
 ) -> pd.DataFrame:
     """One row per image: the decided class, calibrated and raw probabilities per class, the operating
     point, whether the guard finds it unfamiliar ("yes", "no"; "" without a guard) with its score, and the
@@ -74,7 +78,7 @@ def classify_images(
     pixels: list[np.ndarray] = []
     for value in images:
         try:
-            pixels.append(bytes_pixels(image_bytes(value), size))
+            pixels.append(bytes_pixels(image_bytes(value), size, max_pixels))
             errors.append("")
         except Rejected as err:
             errors.append(str(err))
