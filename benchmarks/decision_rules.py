@@ -49,7 +49,7 @@ def mean_table(per_seed: list[dict]) -> dict:
     return table
 
 
-def run(dataset: str, seeds: list[int], log_dir: Path) -> dict:
+def run(dataset: str, seeds: list[int], log_dir: Path, keep: Path | None = None) -> dict:
     recipe, data, point_at = DATASETS[dataset]
     per_seed = []
     with tempfile.TemporaryDirectory(prefix=f"tlpipe-bench-rules-{dataset}-") as tmp:
@@ -86,6 +86,10 @@ def run(dataset: str, seeds: list[int], log_dir: Path) -> dict:
             )
             print(json.dumps(per_seed[-1]["rules"]), file=sys.stderr, flush=True)
         registered = register(repo, log_dir / f"{dataset}-registered.md")
+        if keep is not None:  # the last seed's model with its decision, guard, results and classes
+            for part in ("models", "results"):
+                shutil.copytree(repo / part, keep / part, dirs_exist_ok=True)
+            shutil.copy2(repo / "data/augmented/classes.json", keep / "classes.json")
     return {
         "dataset": dataset,
         "seeds": seeds,
@@ -123,12 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--log-dir", type=Path, default=Path("results/bench_logs"))
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="copy the last seed's models/ and results/ here"
+    )
     args = parser.parse_args(argv)
     if not DATASETS[args.dataset][1].exists():
         print(f"no {DATASETS[args.dataset][1]}: this benchmark needs ../shared/data", file=sys.stderr)
         return 2
     args.log_dir.mkdir(parents=True, exist_ok=True)
-    report_json(run(args.dataset, args.seeds, args.log_dir), args.out)
+    report_json(run(args.dataset, args.seeds, args.log_dir, args.keep), args.out)
     return 0
 
 

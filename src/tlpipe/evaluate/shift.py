@@ -63,10 +63,10 @@ def statement(unlike: bool, ks_statistic: float, ks_p: float, gap: float) -> str
     if not unlike:
         return (
             f"The test split looks like val (scores: KS {ks_statistic:.3f}, p = {ks_p:.2g}; estimated class "
-            f"shares within {gap:.2f}): the val-chosen decision should carry over."
+            f"shares within {gap:.2f}): a decision that holds on val should carry over."
         )
     return (
         f"Caution: the test split looks unlike val (scores: KS {ks_statistic:.3f}, p = {ks_p:.2g}; estimated "
-        f"class shares differ by up to {gap:.2f}), so the decision rule and calibration chosen on val may not "
+        f"class shares differ by up to {gap:.2f}), so a decision rule and calibration that hold on val may not "
         "hold on test, nor on the images this model will meet."
     )

@@ -15,6 +15,16 @@ from tlpipe.report.page import Block, Heading, Paragraph
 Card = list[tuple[str, list[str]]]  # (section title, its lines)
 
 
+def _where(threshold: dict) -> str:
+    """Where the cut-off was chosen, in words (metrics.json's threshold ``chosen_on``)."""
+    return {
+        "oof": f"on {threshold.get('n_oof')} out-of-fold predictions over train+val",
+        "val": "on val",
+        "params": "in params",
+        "fallback": f"as a fallback ({threshold.get('reason', 'no reason')})",
+    }.get(str(threshold.get("chosen_on")), "on val")
+
+
 def _with_ci(metrics: dict, name: str) -> str:
     value = metrics.get(name)
     if value is None:
@@ -68,7 +78,11 @@ def card_sections(metrics: dict, classes: Sequence[str], params: Params, summary
             "Test performance at the operating point",
             [
                 f"Operating point: {threshold.get('rule', 'argmax')}"
-                + (f", threshold {threshold['value']:.4f} chosen on val" if "value" in threshold else "")
+                + (
+                    f", threshold {threshold['value']:.4f} chosen {_where(threshold)}"
+                    if "value" in threshold
+                    else ""
+                )
                 + ".",
                 *(
                     f"{name}: {_with_ci(metrics, name)}"
