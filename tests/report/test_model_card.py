@@ -43,6 +43,15 @@ def test_the_card_says_what_it_is_for_and_how_far_to_trust_it():
     assert "efficientnet_lite0 (imagenet weights) at 64 px" in text
 
 
+def test_an_out_of_fold_cut_off_is_named_as_such_in_the_card():
+    threshold = {**METRICS["threshold"], "chosen_on": "oof", "n_oof": 5216}
+    params = parse_params({})
+    text = card_markdown(card_sections({**METRICS, "threshold": threshold}, ["NORMAL", "PNEUMONIA"], params,
+                                       SUMMARY, "ab12", "1a2b3c4"))  # fmt: skip
+    assert "youden, threshold 0.5053 chosen on 5216 out-of-fold predictions over train+val." in text
+    assert "Val sensitivity 0.979, specificity 0.97;" in text
+
+
 def test_the_report_stage_writes_the_card_and_shows_it(tmp_path: Path) -> None:
     inputs = make_inputs(tmp_path)
     page, _ = report(inputs)
