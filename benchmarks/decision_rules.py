@@ -116,7 +116,39 @@ def register(repo: Path, card_copy: Path) -> dict:
     version = json.loads(out.strip().splitlines()[-1])
     card_copy.write_text(version["description"] or "")
     card = (repo / "results/report/model_card.md").read_text()
-    return {"version": version["version"], "description_is_the_card": version["description"] == card}
+    return {
+        "version": version["version"],
+        "description_is_the_card": version["description"] == card,
+        "served_check": served_check(repo, version["version"]),
+    }
+
+
+def served_check(repo: Path, version: str) -> dict:
+    """One real test image through the registered (served) model and through `tlpipe predict` on the .keras
+    file, against evaluate's predictions.csv row for it: the largest difference in any probability."""
+    import csv
+
+    with open(repo / "results/evaluate/predictions.csv", newline="") as fh:
+        row = next(csv.DictReader(fh))
+    image = repo / "data/augmented" / row["path"]
+    env = environment(repo)
+    tlpipe = Path(sys.executable).parent / "tlpipe"
+    answers = {}
+    for name, model in (
+        ("served", f"models:/tlpipe-classifier/{version}"),
+        ("predict", "models/model.keras"),
+    ):
+        out = subprocess.run([str(tlpipe), "predict", str(image), "--model", model], cwd=repo, env=env, check=True,
+                             capture_output=True, text=True).stdout  # fmt: skip
+        answers[name] = next(csv.DictReader(out.splitlines()))
+    numbers = [k for k in row if k.startswith(("p_", "raw_p_"))]
+    gaps = {name: max(abs(float(a[k]) - float(row[k])) for k in numbers) for name, a in answers.items()}
+    return {
+        "image": row["path"],
+        "evaluate": {k: row[k] for k in ("predicted", *numbers)},
+        "labels_agree": all(a["predicted"] == row["predicted"] for a in answers.values()),
+        "max_abs_difference": gaps,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
