@@ -19,6 +19,7 @@ from tlpipe.core.files import write_csv
 from tlpipe.data.datasets import AugmentedData
 from tlpipe.train.checkpoints import Checkpoint, ResumableEarlyStopping, TrainingState
 from tlpipe.train.optimization import encode_labels, loss_for, make_optimizer, schedule_callbacks
+from tlpipe.train.progress import ProgressLog
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ def fit_resumable(
             ResumableEarlyStopping(checkpoint, state, params.patience),
             *schedule_callbacks(params),
             MlflowEpochLogger(prefix),
+            ProgressLog(prefix, params.batch_size, epochs[1]),
         ],
         verbose=2,
     )
