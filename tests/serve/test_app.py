@@ -148,6 +148,38 @@ def test_the_page_shows_what_predict_returns_warns_and_keeps_working(xray_model,
 
 
 @needs_chromium
+def test_a_dicom_file_dropped_on_the_page_is_answered_as_predict_answers_it(
+    xray_model, page, browser, tmp_path
+):
+    """Drag and drop, and DICOM: the file's pixels (a fixture X-ray's) in a DICOM file named like a scanner's."""
+    import numpy as np
+    from PIL import Image
+
+    from dicom_fixtures import write_dicom
+
+    model, classes, xrays = xray_model
+    xray = sorted((xrays / "test" / "PNEUMONIA").glob("*.jpeg"))[0]
+    scan = write_dicom(tmp_path / "chest.dcm", np.asarray(Image.open(xray).convert("L")))
+    expected = predict_csv(model, [scan], classes)["chest.dcm"]
+    assert expected["error"] == ""
+    tab = browser.new_page()
+    tab.goto(page)
+    data = list(scan.read_bytes())
+    transfer = tab.evaluate_handle(
+        """(bytes) => { const t = new DataTransfer();
+            t.items.add(new File([new Uint8Array(bytes)], 'chest.dcm', { type: 'application/dicom' })); return t; }""",
+        data,
+    )
+    tab.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+    tab.wait_for_selector(".result[data-done]", timeout=60_000)
+    shown = _results(tab)["chest.dcm"]
+    assert shown["label"] == expected["predicted"] and shown["error"] is None
+    assert shown["probs"]["PNEUMONIA"] == pytest.approx(float(expected["p_PNEUMONIA"]), abs=1e-6)
+    assert "no preview (DICOM)" in tab.inner_text(".result .picture")
+    tab.close()
+
+
+@needs_chromium
 @pytest.mark.skipif(not SHARED_XRAYS.is_dir(), reason="no ../shared/data/chest_xray (the real Kermany set)")
 def test_a_real_chest_xray_gets_its_answer_and_heatmap(xray_model, page, browser):
     model, classes, _ = xray_model
