@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench_repo import SHARED, report_json
+from bench_repo import SHARED, report_json, tests_on_path
 
 
 def xray_jpeg(size: int = 1024) -> bytes:
@@ -56,8 +56,7 @@ def post(url: str, body: bytes) -> tuple[float, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    tests_on_path()
     from app_fixtures import serving  # the tests' in-process server: same app, a free port
 
     from tlpipe.serve.app import load_served

@@ -12,12 +12,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from bench_repo import SHARED
+from bench_repo import SHARED, tests_on_path
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serve"))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    tests_on_path()
     from app_fixtures import CHROMIUM, serving
     from playwright.sync_api import sync_playwright
 

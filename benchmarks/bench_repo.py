@@ -106,3 +106,10 @@ def report_json(result: dict, out: Path | None) -> None:
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
+
+
+def tests_on_path() -> None:
+    """The tests' helpers importable (the upload page benchmarks use the tests' in-process server)."""
+    for folder in (REPO / "tests" / "serve", REPO / "tests"):
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))

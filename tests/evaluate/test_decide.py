@@ -56,9 +56,7 @@ def test_no_calibration_when_asked_or_without_val():
     )
     assert (fixed.calibration, fixed.threshold, fixed.chosen_on) == ("none", 0.5, "params")
     three, no_threshold = fit_decision(
-        EvaluateParams(
-            decision_data="val",
-        ),
+        EvaluateParams(decision_data="val"),
         ["a", "b", "c"],
         None,
         None,

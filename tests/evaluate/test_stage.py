@@ -292,9 +292,7 @@ def test_evaluate_without_a_model_is_file_not_found(tmp_path: Path) -> None:
         evaluate(
             data,
             tmp_path / "missing.keras",
-            EvaluateParams(
-                decision_data="val",
-            ),
+            EvaluateParams(decision_data="val"),
             tmp_path / "out",
         )
     assert not (tmp_path / "out").exists()
@@ -308,9 +306,7 @@ def test_evaluate_binary_without_val_names_the_missing_split(tmp_path: Path) -> 
         evaluate(
             data,
             tmp_path / "missing.keras",
-            EvaluateParams(
-                decision_data="val",
-            ),
+            EvaluateParams(decision_data="val"),
             tmp_path / "out",
         )
 
@@ -327,9 +323,7 @@ def test_evaluate_logs_a_warning_and_falls_back_when_val_lacks_a_class(tmp_path:
     metrics = evaluate(
         data,
         _colour_model(2, tmp_path / "m.keras"),
-        EvaluateParams(
-            decision_data="val",
-        ),
+        EvaluateParams(decision_data="val"),
         tmp_path / "out",
     )
 
