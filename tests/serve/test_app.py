@@ -26,6 +26,7 @@ from app_fixtures import (
 )
 
 from source_fixtures import png_header_only
+from tlpipe.core.errors import PipelineError
 from tlpipe.serve.app import CAUTION, load_served
 
 SHARED_XRAYS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "chest_xray"
@@ -255,3 +256,29 @@ def test_listening_beyond_this_machine_warns_that_there_is_no_authentication(xra
     with caplog.at_level(logging.WARNING):
         app.run(argparse.Namespace(**{**vars(args), "host": "127.0.0.1"}))
     assert "no authentication" not in caplog.text and started["access_log"] is False
+
+
+def test_a_registered_champion_is_served_with_its_card_and_answers_as_the_local_model(xray_model):
+    import mlflow
+
+    from tlpipe.serve.pyfunc import log_raw_image_model
+
+    model, classes, xrays = xray_model
+    image = sorted((xrays / "test").rglob("*.jpeg"))[0]
+    card = "# Model card\n\n## Data\n\n- Source: folder (data/sources/chest_xray)\n\n## Training\n\n- Code: commit 1a2b3c4d.\n"
+    with mlflow.start_run():
+        info = log_raw_image_model(model, classes, image.read_bytes(), decision_path=model.with_name("decision.json"),
+                                   guard_path=model.with_name("guard.npz"))  # fmt: skip
+    client = mlflow.MlflowClient()
+    client.create_registered_model("tlpipe-classifier")
+    version = client.create_model_version("tlpipe-classifier", info.model_uri, description=card)
+    client.set_registered_model_alias("tlpipe-classifier", "champion", version.version)
+
+    served = load_served("models:/tlpipe-classifier@champion", None, None)
+    local = load_served(str(model), classes, None)
+    assert served.summary["version"] == str(version.version) and served.summary["aliases"] == ["champion"]
+    assert served.summary["sections"] == {"Data": ["Source: folder (data/sources/chest_xray)"]}
+    assert served.summary["commit"] == "1a2b3c4d"
+    assert served.classify(image.read_bytes()) == local.classify(image.read_bytes())
+    with pytest.raises(PipelineError, match=r"--classes and --decision are for a \.keras model"):
+        load_served("models:/tlpipe-classifier@champion", classes, None)
