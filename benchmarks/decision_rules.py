@@ -151,6 +151,24 @@ def served_check(repo: Path, version: str) -> dict:
     }
 
 
+def markdown_table(result: dict) -> str:
+    """Per seed and mean, each rule's test figures: the table docs/decision.md shows."""
+    keys = ("accuracy", "sensitivity", "specificity", "roc_auc", "ece", "threshold", "temperature")
+    lines = ["| seed | rule | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+
+    def cell(value: object) -> str:
+        return "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    rows = [(str(s["seed"]), s["rules"]) for s in result["per_seed"]] + [("mean", result["mean"])]
+    for seed, rules in rows:
+        for rule in ("val", "oof"):
+            if rule in rules:
+                lines.append(
+                    f"| {seed} | {rule} | " + " | ".join(cell(rules[rule].get(k)) for k in keys) + " |"
+                )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -162,12 +180,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep", type=Path, default=None, help="copy the last seed's models/ and results/ here"
     )
+    parser.add_argument(
+        "--table", type=Path, default=None, help="only print the Markdown table of a result JSON"
+    )
     args = parser.parse_args(argv)
+    if args.table is not None:
+        print(markdown_table(json.loads(args.table.read_text())))
+        return 0
     if not DATASETS[args.dataset][1].exists():
         print(f"no {DATASETS[args.dataset][1]}: this benchmark needs ../shared/data", file=sys.stderr)
         return 2
     args.log_dir.mkdir(parents=True, exist_ok=True)
-    report_json(run(args.dataset, args.seeds, args.log_dir, args.keep), args.out)
+    result = run(args.dataset, args.seeds, args.log_dir, args.keep)
+    report_json(result, args.out)
+    print(markdown_table(result))
     return 0
 
 
