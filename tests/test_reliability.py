@@ -310,7 +310,7 @@ def _train_frozen_args(runs: Runs, out: Path, checkpoints: Path) -> list[str]:
     # the first copy's data and params: its feature cache (copied in) spares recomputing features
     return ["--params", str(runs.first / "params.yaml"), "--data", str(runs.first / "data/augmented"),
             "--model", str(out / "frozen.keras"), "--history", str(out / "history.csv"),
-            "--checkpoints", str(checkpoints)]  # fmt: skip
+            "--oof", str(out / "oof.csv"), "--checkpoints", str(checkpoints)]  # fmt: skip
 
 
 def test_a_full_disk_on_the_model_write_names_the_path_and_keeps_the_old_model(

@@ -230,7 +230,8 @@ def test_train_frozen_killed_while_caching_features_resumes_the_cache(augmented,
     params = _params_file(tmp_path, "train_frozen", values)
     ckpt = tmp_path / "ckpt"
     args = ["--params", str(params), "--data", str(augmented), "--model", str(tmp_path / "frozen.keras"),
-            "--history", str(tmp_path / "h.csv"), "--checkpoints", str(ckpt)]  # fmt: skip
+            "--history", str(tmp_path / "h.csv"), "--oof", str(tmp_path / "oof.csv"),
+            "--checkpoints", str(ckpt)]  # fmt: skip
     progress = ckpt / "features" / "train.json"
     proc = _start("train_frozen.py", args)
     _kill_when(proc, lambda: _json_value(progress, "rows") >= 4)

@@ -96,29 +96,28 @@ def train_frozen(
             "feature_seconds": feature_seconds,
             "head_seconds": head_seconds,
         }
-        if oof_out is not None:
-            start = time.perf_counter()
-            write_oof(data, cached, params, int(metrics["best_epoch"]), Path(oof_out))
-            metrics["oof_seconds"] = time.perf_counter() - start
+        start = time.perf_counter()
+        oof = out_of_fold(data, cached, params, int(metrics["best_epoch"]))
+        metrics["oof_seconds"] = time.perf_counter() - start
         model = assemble(backbone_model, head, n_classes, params.dropout, params.head_l2)
         save_model_atomically(model, model_out)
         write_history(state.rows, history_out)
+        if oof_out is not None:  # after the model: a failed save leaves no new file beside the old model
+            write_out_of_fold(Path(oof_out), oof, data.classes)
+            logger.info(f"train-frozen: out-of-fold predictions for {len(oof.paths)} images in {oof_out}")
         checkpoint.finish(state)
         tracking.log_metrics(metrics)
         tracking.log_keras_model(model, "model", load_images(data.split("val"), 4))
     return metrics
 
 
-def write_oof(
-    data: AugmentedData, features: dict[str, np.ndarray], params: TrainFrozenParams, epochs: int, out: Path
-) -> None:
-    """The out-of-fold predictions file; with ``oof_folds`` 0 an empty one (DVC expects the output)."""
+def out_of_fold(
+    data: AugmentedData, features: dict[str, np.ndarray], params: TrainFrozenParams, epochs: int
+) -> OutOfFold:
+    """Out-of-fold predictions over train+val; none with ``oof_folds`` 0 (the file is then empty: DVC
+    expects the output)."""
     if params.oof_folds == 0:
-        empty = OutOfFold(
+        return OutOfFold(
             [], [], np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, len(data.classes)))
         )
-        write_out_of_fold(out, empty, data.classes)
-        return
-    oof = cross_fit(data, features, params, params.oof_folds, max(epochs, 1))
-    write_out_of_fold(out, oof, data.classes)
-    logger.info(f"train-frozen: out-of-fold predictions for {len(oof.paths)} train+val images in {out}")
+    return cross_fit(data, features, params, params.oof_folds, max(epochs, 1))
