@@ -38,7 +38,7 @@ def test_the_card_says_what_it_is_for_and_how_far_to_trust_it():
     assert "share 170 groups (320 test images)" in text
     assert "youden, threshold 0.5053 chosen on val" in text and "accuracy: 0.849 [0.821, 0.877]" in text
     assert "test ECE 0.104 before, 0.103 after" in text and "Flags 0.5% of test images" in text
-    assert "Val sensitivity 0.979, specificity 0.97; test 0.997 and 0.603 [0.540, 0.660]" in text
+    assert "Val sensitivity 0.979, specificity 0.970; test 0.997 and 0.603 [0.540, 0.660]" in text
     assert "Caution: the test split looks unlike val" in text and "commit 1a2b3c4" in text
     assert "efficientnet_lite0 (imagenet weights) at 64 px" in text
 
@@ -49,7 +49,7 @@ def test_an_out_of_fold_cut_off_is_named_as_such_in_the_card():
     text = card_markdown(card_sections({**METRICS, "threshold": threshold}, ["NORMAL", "PNEUMONIA"], params,
                                        SUMMARY, "ab12", "1a2b3c4"))  # fmt: skip
     assert "youden, threshold 0.5053 chosen on 5216 out-of-fold predictions over train+val." in text
-    assert "Val sensitivity 0.979, specificity 0.97;" in text
+    assert "Val sensitivity 0.979, specificity 0.970;" in text
 
 
 def test_the_report_stage_writes_the_card_and_shows_it(tmp_path: Path) -> None:

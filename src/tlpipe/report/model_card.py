@@ -15,6 +15,10 @@ from tlpipe.report.page import Block, Heading, Paragraph
 Card = list[tuple[str, list[str]]]  # (section title, its lines)
 
 
+def _three(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else "n/a"
+
+
 def _where(threshold: dict) -> str:
     """Where the cut-off was chosen, in words (metrics.json's threshold ``chosen_on``)."""
     return {
@@ -118,7 +122,8 @@ def card_sections(metrics: dict, classes: Sequence[str], params: Params, summary
         (
             "Val and test",
             [
-                f"Val sensitivity {threshold.get('val_sensitivity')}, specificity {threshold.get('val_specificity')}; "
+                f"Val sensitivity {_three(threshold.get('val_sensitivity'))}, "
+                f"specificity {_three(threshold.get('val_specificity'))}; "
                 f"test {_with_ci(metrics, 'sensitivity')} and {_with_ci(metrics, 'specificity')}."
                 if threshold.get("chosen_on") in ("val", "oof")
                 else "No val-chosen threshold.",
