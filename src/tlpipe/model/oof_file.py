@@ -24,14 +24,6 @@ class OutOfFold:
     labels: np.ndarray  # class indices
     probabilities: np.ndarray  # (n, n_classes), the held-out head's
 
-    def of_split(self, split: str) -> dict[str, np.ndarray]:
-        """P per image of ``split``, by path: where evaluate matches the fine-tuned model's val scores."""
-        return {
-            p: row
-            for p, s, row in zip(self.paths, self.splits, self.probabilities, strict=True)
-            if s == split
-        }
-
 
 def _fields(classes: list[str]) -> list[str]:
     return ["path", "split", "fold", "label", *(f"p_{c}" for c in classes)]
