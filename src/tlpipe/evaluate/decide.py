@@ -18,13 +18,10 @@ from tlpipe.evaluate.bootstrap import confidence_intervals
 from tlpipe.evaluate.metrics import (
     brier_per_image,
     calibration_table,
-    confusion_counts,
-    confusion_metrics,
     expected_calibration_error,
     log_loss_per_image,
-    number_or_none,
 )
-from tlpipe.evaluate.thresholds import choose_threshold, predicted_labels
+from tlpipe.evaluate.thresholds import choose_threshold, predicted_labels, sensitivity_specificity
 from tlpipe.model.decision import Decision, fit_isotonic, fit_platt, fit_temperature
 from tlpipe.model.oof_file import OutOfFold
 
@@ -111,14 +108,10 @@ def _fit_on_oof(
     if threshold["chosen_on"] == "fallback":
         return _with_threshold(mapped, threshold, None, None), threshold
     # what the served decision does on val: its figures on images no part of the model trained on
-    on_val = confusion_metrics(
-        confusion_counts(
-            np.asarray(y_val), predicted_labels(mapped.calibrate(raw_val), threshold["value"]), 2
-        )
-    )
     threshold["n_val"] = len(y_val)
-    threshold["val_sensitivity"] = number_or_none(on_val["sensitivity"])
-    threshold["val_specificity"] = number_or_none(on_val["specificity"])
+    threshold["val_sensitivity"], threshold["val_specificity"] = sensitivity_specificity(
+        y_val, mapped.calibrate(raw_val)[:, 1], threshold["value"]
+    )
     return _with_threshold(
         mapped, threshold, threshold["val_sensitivity"], threshold["val_specificity"]
     ), threshold

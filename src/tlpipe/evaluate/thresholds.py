@@ -60,6 +60,15 @@ def two_class_probabilities(p1: np.ndarray) -> np.ndarray:
     return class_probabilities(np.reshape(p1, (-1, 1)))
 
 
+def sensitivity_specificity(
+    y: np.ndarray, p1: np.ndarray, threshold: float
+) -> tuple[float | None, float | None]:
+    """Sensitivity and specificity of ``P(class 1) >= threshold`` (None where undefined)."""
+    decided = predicted_labels(two_class_probabilities(p1), threshold)
+    figures = confusion_metrics(confusion_counts(np.asarray(y), decided, 2))
+    return number_or_none(figures["sensitivity"]), number_or_none(figures["specificity"])
+
+
 def choose_threshold(
     params: EvaluateParams, y_val: np.ndarray | None, p_val: np.ndarray | None, on: str = "val"
 ) -> dict:
@@ -83,15 +92,14 @@ def choose_threshold(
         value = youden_threshold(p_val, positives)
     else:
         value = target_sensitivity_threshold(p_val, positives, params.target_sensitivity)
-    decided = predicted_labels(two_class_probabilities(p_val), value)
-    val_metrics = confusion_metrics(confusion_counts(np.asarray(y_val), decided, 2))
+    sensitivity, specificity = sensitivity_specificity(np.asarray(y_val), p_val, value)
     return {
         "rule": params.threshold,
         "value": value,
         "chosen_on": on,
         f"n_{on}": len(positives),
-        f"{on}_sensitivity": number_or_none(val_metrics["sensitivity"]),
-        f"{on}_specificity": number_or_none(val_metrics["specificity"]),
+        f"{on}_sensitivity": sensitivity,
+        f"{on}_specificity": specificity,
     }
 
 
