@@ -17,6 +17,7 @@ from tlpipe.evaluate.metrics import (
     ranking_metrics,
     threshold_metrics,
 )
+from tlpipe.model.decision import Decision
 from tlpipe.model.oof_file import OutOfFold
 
 RULES = ("val", "oof")
@@ -29,25 +30,30 @@ def compare_rules(
     oof: OutOfFold | None,
     y_test: np.ndarray,
     raw_test: np.ndarray,
+    served: Decision,
 ) -> dict[str, dict]:
     """Per rule that can be fitted here: its cut-off, calibration parameter and test figures.
 
-    ``val`` is the val labels, the model's raw val probabilities and their paths. A rule that cannot be
-    fitted (no out-of-fold predictions; ``none`` calibration under ``oof``) says why instead.
+    ``val`` is the val labels, the model's raw val probabilities and their paths. ``served`` is the
+    decision fitted by ``params.decision_data``: its row is that decision's, not a second fit. A rule that
+    cannot be fitted (no out-of-fold predictions; ``none`` calibration under ``oof``) says why instead.
     """
     y_val, raw_val, val_paths = val
     table: dict[str, dict] = {}
     for rule in RULES:
-        if rule == "oof" and params.calibration == "none":
+        if rule == params.decision_data:
+            decision = served
+        elif rule == "oof" and params.calibration == "none":
             table[rule] = {"skipped": "calibration none has no map onto the out-of-fold scale"}
             continue
-        try:
-            decision, _ = fit_decision(
-                params.model_copy(update={"decision_data": rule}), classes, y_val, raw_val, oof, val_paths
-            )
-        except PipelineError as err:
-            table[rule] = {"skipped": str(err)}
-            continue
+        else:
+            try:
+                decision, _ = fit_decision(
+                    params.model_copy(update={"decision_data": rule}), classes, y_val, raw_val, oof, val_paths
+                )
+            except PipelineError as err:
+                table[rule] = {"skipped": str(err)}
+                continue
         decided = decision.apply(raw_test)
         figures = threshold_metrics(np.asarray(y_test), decided.labels, len(classes))
         table[rule] = {

@@ -261,7 +261,7 @@ def evaluate(
         )
         if val is not None and raw_val is not None:
             metrics["decision_rules"] = compare_rules(
-                params, names, (val.labels, raw_val, val.rel_paths), oof, test.labels, raw_test
+                params, names, (val.labels, raw_val, val.rel_paths), oof, test.labels, raw_test, decision
             )
         metrics["guard"] = metrics_guard
         if val is not None and calibrated_val is not None:
