@@ -24,7 +24,7 @@ from tlpipe.core.errors import PipelineError
 from tlpipe.core.images import Rejected
 from tlpipe.model.decision import Decision
 from tlpipe.model.guard import Guard
-from tlpipe.serve.model_summary import card_summary, local_summary, registry_summary
+from tlpipe.serve.model_summary import local_summary, registry_summary
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +66,14 @@ class Served:
 
         from tlpipe.data.pixels import bytes_pixels
         from tlpipe.model.gradcam import gradcam_maps, overlay
+        from tlpipe.model.inference import decide
 
         size = int(self.model.input_shape[1])  # type: ignore[attr-defined]
         with self.lock:
             pixels = bytes_pixels(data, size, self.max_pixels)
-            label = self.decision.classes.index(self.classify(data)["predicted"])
-            cam = gradcam_maps(self.model, pixels[None], np.array([label]))[0]
+            # the decided class through the same call classify_images makes, on the pixels decoded once
+            label = decide(self.model, self.decision, pixels[None], self.guard)[0].labels
+            cam = gradcam_maps(self.model, pixels[None], label)[0]
         buffer = io.BytesIO()
         Image.fromarray(overlay(pixels.astype(np.uint8), cam)).save(buffer, format="PNG")
         return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -120,7 +122,7 @@ def create_app(served: Served):
     page = env.get_template(TEMPLATE.name).render(
         caution=CAUTION,
         summary=served.summary,
-        columns=[c for c in output_fields(served.decision.classes)],
+        columns=output_fields(served.decision.classes),
         classes=served.decision.classes,
         max_upload_mb=served.max_upload_bytes / 1e6,
     )
@@ -213,6 +215,3 @@ def run(args: argparse.Namespace) -> int:
     # no access log: the page's requests hold no file names, but nothing about uploads is logged at all
     uvicorn.run(create_app(served), host=args.host, port=args.port, access_log=False, log_level="warning")
     return 0
-
-
-__all__ = ["CAUTION", "Served", "card_summary", "create_app", "load_served"]
