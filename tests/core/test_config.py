@@ -417,7 +417,7 @@ def _wrong_type(leaf: Leaf) -> st.SearchStrategy:
     """Values no member of the key's type takes, whatever their size."""
     numeric = bool(leaf.types & {int, float}) or any(isinstance(v, int) for v in leaf.literals)
     pools = [st.dictionaries(_KEY, st.integers(), min_size=1, max_size=2)]
-    if not YAML_BOOLEAN_WORDS & set(leaf.literals):  # there YAML's booleans stand for the words
+    if bool not in leaf.types and not YAML_BOOLEAN_WORDS & set(leaf.literals):  # there they stand for words
         pools.append(st.booleans())
     if list not in leaf.types:
         pools.append(st.lists(st.integers(0, 9), min_size=1, max_size=3))
@@ -489,7 +489,13 @@ def _the_line(message: str, key: str) -> str:
     return lines[0]
 
 
-_TYPE_WORDS = {int: ("integer",), float: ("number",), str: ("string", "text"), list: ("list",)}
+_TYPE_WORDS = {
+    bool: ("boolean", "true or false"),
+    int: ("integer",),
+    float: ("number",),
+    str: ("string", "text"),
+    list: ("list",),
+}
 
 
 def _says_what_type_is_allowed(line: str, leaf: Leaf) -> bool:

@@ -114,6 +114,7 @@ def test_gradual_unfreezing_trains_one_more_block_per_step(
     )
     assert "epochs 1-1: 1 backbone layers trainable (top 1 blocks" in caplog.text
     assert "epochs 2-2: 4 backbone layers trainable (top 2 blocks" in caplog.text
+    assert "through the whole network (gradual unfreezing moves the cut every step)" in caplog.text
     assert len(read_history(tmp_path / "h.csv")[1]) == 2
     # the saved weights are the best epoch's: block15 has moved only if that is the second
     expected = TOP_TWO_BLOCKS if metrics["best_epoch"] == 2 else {"top_conv"}

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, StrictBool, ValidationError, field_validator, model_validator
 
 from tlpipe.core.data_params import CsvParams as CsvParams
 from tlpipe.core.data_params import DataParams
@@ -167,6 +167,9 @@ class FineTuneParams(TrainingPhaseParams):
     unfreeze_from: str | None = None
     # >0: start with the top block and unfreeze one more every this many epochs (gradual unfreezing)
     unfreeze_every: int = Field(0, ge=0)
+    # with the bottom of the backbone frozen, run it once per image to a cache and train only the top on
+    # it (the same training, cheaper epochs); false: every epoch runs the whole network
+    activation_cache: StrictBool = True
     epochs: int = Field(4, ge=1)
     learning_rate: float = Field(3e-4, gt=0.0)
     schedule: Literal["constant", "cosine", "step", "plateau"] = "cosine"

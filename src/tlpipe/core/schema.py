@@ -29,6 +29,8 @@ class Section(BaseModel):
             return value
         assert info.field_name is not None  # a "*" field validator always runs for a named field
         annotation = cls.model_fields[info.field_name].annotation
+        if bool in _members(annotation):
+            return value
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             return value  # a section: pydantic says it wants a mapping
         # `mixed_precision: off`, as the comment in params.yaml says: the word was meant, not False
@@ -57,7 +59,13 @@ def _literal_values(annotation: object) -> list[object]:
 
 def describe_type(annotation: object) -> str:
     """What a field takes, in words, e.g. "an integer or 'all'"."""
-    names: dict[object, str] = {int: "an integer", float: "a number", str: "text", type(None): "null"}
+    names: dict[object, str] = {
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "text",
+        type(None): "null",
+    }
     parts = []
     for member in _members(annotation):
         if get_origin(member) is Literal:

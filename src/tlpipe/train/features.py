@@ -36,7 +36,10 @@ def data_digest(data: AugmentedData) -> str:
 def compute_features(
     backbone_model: keras.Model, data: SplitData, batch_size: int, cache: Path, key: str
 ) -> np.ndarray:
-    """The backbone's features for every image, streamed to ``cache`` (an .npy file).
+    """The backbone's output for every image, streamed to ``cache`` (an .npy file).
+
+    ``backbone_model`` is any frozen model from raw pixels: the pooled backbone (one
+    feature vector per image) or its bottom up to fine-tuning's first trainable layer.
 
     The file is a memory map written batch by batch, with a progress record beside
     it, so memory stays flat with the dataset's size and a killed run continues
@@ -44,12 +47,12 @@ def compute_features(
     """
     progress_path = cache.with_suffix(".json")
     n = len(data.paths)
-    dim = int(backbone_model.output_shape[-1])
+    shape = tuple(int(d) for d in backbone_model.output_shape[1:])
     done = _cached_rows(progress_path, key, n)
     cache.parent.mkdir(parents=True, exist_ok=True)
     if done == 0 or not cache.exists():
         done = 0
-        features = np.lib.format.open_memmap(cache, mode="w+", dtype=np.float32, shape=(n, dim))
+        features = np.lib.format.open_memmap(cache, mode="w+", dtype=np.float32, shape=(n, *shape))
     else:
         features = np.lib.format.open_memmap(cache, mode="r+")
         logger.info(
@@ -91,7 +94,11 @@ def _cached_rows(progress_path: Path, key: str, n: int) -> int:
 def feature_dataset(
     features: np.ndarray, targets: np.ndarray, batch_size: int, shuffle_seed: int | None
 ) -> tf.data.Dataset:
-    """Batches of (features, target) read from the (memory-mapped) cache as needed."""
+    """Batches of (features, target) read from the (memory-mapped) cache as needed.
+
+    Shuffled as :func:`tlpipe.data.datasets.image_dataset` shuffles the images with the
+    same seed, so a phase sees the same batches from the cache as from the images.
+    """
     n = len(features)
     index = tf.data.Dataset.range(n)
     if shuffle_seed is not None:
@@ -102,7 +109,7 @@ def feature_dataset(
 
     def load(idx: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         x, y = tf.numpy_function(gather, [idx], (tf.float32, tf.float32))
-        x.set_shape((None, features.shape[1]))
+        x.set_shape((None, *features.shape[1:]))
         y.set_shape((None, *targets.shape[1:]))
         return x, y
 

@@ -13,14 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
+import tensorflow as tf
 
 from tlpipe.core import tracking
 from tlpipe.core.config import FineTuneParams, section_dict
 from tlpipe.core.files import path_digest
-from tlpipe.data.datasets import image_dataset, load_augmented, load_images
+from tlpipe.data.datasets import AugmentedData, image_dataset, load_augmented, load_images
 from tlpipe.model.backbones import get_backbone, resolve_weights, set_top_blocks_trainable, set_trainable_from
 from tlpipe.model.outputs import find_backbone
 from tlpipe.model.storage import load_model, save_model_atomically
+from tlpipe.train.activation_cache import CannotCut, cached_inputs, cut_at_first_trainable
 from tlpipe.train.checkpoints import Checkpoint, TrainingState, fingerprint
 from tlpipe.train.devices import apply_precision, distribution_strategy
 from tlpipe.train.features import data_digest
@@ -119,20 +121,21 @@ def fine_tune(
         backbone_model, backbone_name = find_backbone(model)
         weights = class_weights(data.split("train").labels, n_classes, params.class_weight)
         logger.info(f"fine-tune: {describe_class_weight(weights, data.classes)}")
-        train = image_dataset(
-            data.split("train"), params.batch_size, shuffle_seed=params.seed, targets=targets(data, "train")
-        )
-        val = image_dataset(data.split("val"), params.batch_size, targets=targets(data, "val"))
+        plan = unfreeze_plan(params, get_backbone(backbone_name).block_count)
         initial_weights = model.get_weights()
         state = checkpoint.load_state() or TrainingState(checkpoint.fingerprint)
         start = time.perf_counter()
         unfrozen = 0
-        for step in unfreeze_plan(params, get_backbone(backbone_name).block_count):
+        for step in plan:
             with strategy.scope():
                 unfrozen = unfreeze(backbone_model, backbone_name, params, step, scratch)
+                # what trains: the whole model on images, or its top on the frozen bottom's cached output
+                trainer, train, val = _training_inputs(
+                    model, backbone_model, data, params, checkpoint_dir, plan
+                )
                 factor = 1.0 if scratch else params.backbone_lr_factor
                 lr_factors = lr_factors_for(backbone_model.trainable_variables, factor)
-                compile_for(model, params, n_classes, lr_factors)
+                compile_for(trainer, params, n_classes, lr_factors)
             logger.info(
                 f"fine-tune: epochs {step.first_epoch + 1}-{step.end_epoch}: {unfrozen} backbone layers "
                 f"trainable ({_unfreeze_description(params, step, scratch)}), "
@@ -140,10 +143,10 @@ def fine_tune(
                 + (f", backbone x{factor:g}" if factor != 1.0 else "")
             )
             if state.initial_val_loss is None:
-                state.initial_val_loss = float(model.evaluate(val, verbose=0, return_dict=True)["loss"])
+                state.initial_val_loss = float(trainer.evaluate(val, verbose=0, return_dict=True)["loss"])
                 checkpoint.save_state(state)
             fit_resumable(
-                model, train, val, (step.first_epoch, step.end_epoch), params,
+                trainer, train, val, (step.first_epoch, step.end_epoch), params,
                 checkpoint, state, weights, "fine_tune",
             )  # fmt: skip
         seconds = time.perf_counter() - start
@@ -159,7 +162,9 @@ def fine_tune(
                 f"(best {state.best_val_loss:.4f}); keeping the frozen model's weights"
             )
         else:
-            final_weights = checkpoint.best_weights()
+            # the checkpoint holds the trainer's weights: set them, and read the whole model's back
+            trainer.set_weights(checkpoint.best_weights())
+            final_weights = model.get_weights()
         # saved from a fresh copy of the input: the trained model carries its optimizer
         # (possibly a per-variable-rate one) that a user loading the file has no use for
         final = load_model(model_in)
@@ -177,6 +182,48 @@ def fine_tune(
         tracking.log_metrics(metrics)
         tracking.log_keras_model(final, "model", load_images(data.split("val"), 4))
     return metrics
+
+
+def _training_inputs(
+    model: keras.Model,
+    backbone_model: keras.Model,
+    data: AugmentedData,
+    params: FineTuneParams,
+    checkpoint_dir: Path,
+    plan: list[UnfreezeStep],
+) -> tuple[keras.Model, tf.data.Dataset, tf.data.Dataset]:
+    """The model that trains and its train and val batches.
+
+    The top on cached activations when the bottom is frozen for the whole phase
+    (one unfreezing step: gradual unfreezing moves the cut every step), else the
+    whole model on images.
+    """
+    train_targets, val_targets = targets(data, "train"), targets(data, "val")
+    reason = "activation_cache is false"
+    if params.activation_cache and len(plan) > 1:
+        reason = "gradual unfreezing moves the cut every step"
+    elif params.activation_cache:
+        try:
+            cut = cut_at_first_trainable(model, backbone_model)
+        except CannotCut as why:
+            reason = str(why)
+        else:
+            cache = cached_inputs(
+                cut, data, {"train": train_targets, "val": val_targets},
+                params.batch_size, params.seed, Path(checkpoint_dir) / "activations",
+            )  # fmt: skip
+            logger.info(
+                f"fine-tune: training the top on cached activations entering {cut.cut!r} "
+                f"({cut.bottom.output_shape[1:]} per image, {cache.megabytes:.0f} MB); the frozen bottom "
+                "ran once per image"
+            )
+            return cut.top, cache.train, cache.val
+    logger.info(f"fine-tune: training through the whole network ({reason})")
+    train = image_dataset(
+        data.split("train"), params.batch_size, shuffle_seed=params.seed, targets=train_targets
+    )
+    val = image_dataset(data.split("val"), params.batch_size, targets=val_targets)
+    return model, train, val
 
 
 def _unfreeze_description(params: FineTuneParams, step: UnfreezeStep, scratch: bool) -> str:
