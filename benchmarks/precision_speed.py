@@ -5,7 +5,8 @@ EfficientNet-Lite0 with its ImageNet weights and the pipeline's head at ``--size
 pixels: forward images/s (the frozen phase's feature pass) and training images/s with every layer trainable
 (the fine-tune phase), after warm-up steps. Variants: float32; the ``mixed_bfloat16`` policy;
 ``ONEDNN_DEFAULT_FPMATH_MODE=BF16`` (float32 model, oneDNN free to use bf16 kernels); and each with
-``jit_compile=True`` (XLA). Not part of the test suite; about a minute per variant on 2 cores.
+``jit_compile=True`` (XLA). ``--variants`` picks others, e.g. ``mixed_float16`` and ``mixed_float16_xla`` on a
+GPU. Not part of the test suite; about a minute per variant on 2 cores.
 
     .venv/bin/python benchmarks/precision_speed.py --size 128 --out results/precision_speed.json
 """
@@ -28,7 +29,11 @@ VARIANTS = {
     "onednn_bf16_math": {"policy": "float32", "jit": False, "env": {"ONEDNN_DEFAULT_FPMATH_MODE": "BF16"}},
     "float32_xla": {"policy": "float32", "jit": True, "env": {}},
     "mixed_bfloat16_xla": {"policy": "mixed_bfloat16", "jit": True, "env": {}},
+    # GPUs (benchmarks/gpu_benchmark.sh): float16 with loss scaling, the policy mixed_precision: auto picks there
+    "mixed_float16": {"policy": "mixed_float16", "jit": False, "env": {}},
+    "mixed_float16_xla": {"policy": "mixed_float16", "jit": True, "env": {}},
 }
+CPU_VARIANTS = ["float32", "mixed_bfloat16", "onednn_bf16_math", "float32_xla", "mixed_bfloat16_xla"]
 
 
 def measure(policy: str, jit: bool, size: int, steps: int) -> dict:
@@ -82,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=CPU_VARIANTS)
     parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # the child's
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -90,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(spec["policy"], spec["jit"], args.size, args.steps)))
         return 0
     results = {}
-    for name, spec in VARIANTS.items():
+    for name in args.variants:
+        spec = VARIANTS[name]
         env = {**os.environ, **spec["env"], "TF_CPP_MIN_LOG_LEVEL": "2"}
         cmd = [
             sys.executable,
