@@ -49,7 +49,13 @@ def mean_table(per_seed: list[dict]) -> dict:
     return table
 
 
-def run(dataset: str, seeds: list[int], log_dir: Path, keep: Path | None = None) -> dict:
+def run(
+    dataset: str,
+    seeds: list[int],
+    log_dir: Path,
+    keep: Path | None = None,
+    overrides: list[str] | None = None,
+) -> dict:
     recipe, data, point_at = DATASETS[dataset]
     per_seed = []
     with tempfile.TemporaryDirectory(prefix=f"tlpipe-bench-rules-{dataset}-") as tmp:
@@ -58,7 +64,7 @@ def run(dataset: str, seeds: list[int], log_dir: Path, keep: Path | None = None)
         target = bring_in(repo, data, data.name)
         tlpipe = Path(sys.executable).parent / "tlpipe"
         subprocess.run([str(tlpipe), "recipe", recipe], cwd=repo, env=environment(repo), check=True)
-        edit_params(repo, point_at(target))
+        edit_params(repo, [*point_at(target), *(overrides or [])])
         for seed in seeds:
             edit_params(repo, [f"train_frozen.seed={seed}", f"fine_tune.seed={seed}"])
             seconds, _ = run_stages(repo, f"{dataset}-seed{seed}", log_dir)
@@ -92,6 +98,7 @@ def run(dataset: str, seeds: list[int], log_dir: Path, keep: Path | None = None)
             shutil.copy2(repo / "data/augmented/classes.json", keep / "classes.json")
     return {
         "dataset": dataset,
+        "overrides": overrides or [],
         "seeds": seeds,
         "per_seed": per_seed,
         "mean": mean_table(per_seed),
@@ -176,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dataset", choices=sorted(DATASETS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="a params.yaml setting on top of the recipe (dotted key, YAML value); repeatable",
+    )  # fmt: skip
     parser.add_argument("--log-dir", type=Path, default=Path("results/bench_logs"))
     parser.add_argument(
         "--keep", type=Path, default=None, help="copy the last seed's models/ and results/ here"
@@ -191,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no {DATASETS[args.dataset][1]}: this benchmark needs ../shared/data", file=sys.stderr)
         return 2
     args.log_dir.mkdir(parents=True, exist_ok=True)
-    result = run(args.dataset, args.seeds, args.log_dir, args.keep)
+    result = run(args.dataset, args.seeds, args.log_dir, args.keep, args.overrides)
     report_json(result, args.out)
     print(markdown_table(result))
     return 0

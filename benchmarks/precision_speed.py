@@ -36,8 +36,10 @@ VARIANTS = {
 CPU_VARIANTS = ["float32", "mixed_bfloat16", "onednn_bf16_math", "float32_xla", "mixed_bfloat16_xla"]
 
 
-def measure(policy: str, jit: bool, size: int, steps: int) -> dict:
-    """Run in the child: forward and training images/s for one variant."""
+def measure(policy: str, jit: bool, size: int, steps: int, top_blocks: list[int]) -> dict:
+    """Run in the child: forward and training images/s for one variant; with ``top_blocks``, also
+    fine-tuning's top K blocks on cached activations (tlpipe.train.activation_cache): the frozen bottom's
+    forward images/s (once per image) and the top's training images/s (every epoch)."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -67,7 +69,40 @@ def measure(policy: str, jit: bool, size: int, steps: int) -> dict:
     start = time.perf_counter()
     model.fit(data.take(steps), epochs=1, verbose=0)
     train_rate = steps * 32 / (time.perf_counter() - start)
-    return {"forward_images_per_s": round(forward_rate, 1), "train_images_per_s": round(train_rate, 1)}
+    result = {"forward_images_per_s": round(forward_rate, 1), "train_images_per_s": round(train_rate, 1)}
+    for k in top_blocks:
+        result[f"top_{k}"] = _measure_cut(model, backbone, k, batch, labels, jit, steps)
+    return result
+
+
+def _measure_cut(model, backbone, k: int, batch, labels, jit: bool, steps: int) -> dict:
+    import keras
+    import tensorflow as tf
+
+    from tlpipe.model.backbones import get_backbone, set_top_blocks_trainable
+    from tlpipe.train.activation_cache import cut_at_first_trainable
+
+    set_top_blocks_trainable(backbone, get_backbone("efficientnet_lite0"), k)
+    cut = cut_at_first_trainable(model, backbone)
+    bottom = tf.function(lambda x: cut.bottom(x, training=False), jit_compile=jit)
+    for _ in range(3):
+        activations = bottom(batch).numpy()
+    start = time.perf_counter()
+    for _ in range(steps):
+        bottom(batch).numpy()
+    bottom_rate = steps * 32 / (time.perf_counter() - start)
+    cut.top.compile(optimizer=keras.optimizers.Adam(1e-4), loss="binary_crossentropy", jit_compile=jit)
+    data = tf.data.Dataset.from_tensors((activations, labels)).repeat(steps + 3)
+    cut.top.fit(data.take(3), epochs=1, verbose=0)
+    start = time.perf_counter()
+    cut.top.fit(data.take(steps), epochs=1, verbose=0)
+    top_rate = steps * 32 / (time.perf_counter() - start)
+    return {
+        "cut": cut.cut,
+        "activation_shape": list(activations.shape[1:]),
+        "bottom_forward_images_per_s": round(bottom_rate, 1),
+        "top_train_images_per_s": round(top_rate, 1),
+    }
 
 
 def cpu_flags() -> list[str]:
@@ -88,12 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=CPU_VARIANTS)
+    parser.add_argument(
+        "--top-blocks",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time training the top K blocks on cached activations",
+    )
     parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # the child's
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.variant:
         spec = VARIANTS[args.variant]
-        print(json.dumps(measure(spec["policy"], spec["jit"], args.size, args.steps)))
+        print(json.dumps(measure(spec["policy"], spec["jit"], args.size, args.steps, args.top_blocks)))
         return 0
     results = {}
     for name in args.variants:
@@ -108,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             str(args.size),
             "--steps",
             str(args.steps),
+            "--top-blocks",
+            *map(str, args.top_blocks),
         ]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0:
@@ -117,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             results[name] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
-    report_json({"size": args.size, "batch": 32, "steps": args.steps, "cpu_flags": cpu_flags(),
+    report_json({"size": args.size, "batch": 32, "top_blocks": args.top_blocks, "steps": args.steps, "cpu_flags": cpu_flags(),
                  "cpus": os.cpu_count(), "variants": results}, args.out)  # fmt: skip
     return 0
 
