@@ -21,6 +21,10 @@ logger = logging.getLogger(__name__)
 # name -> (module, one-line help)
 COMMANDS = {
     "app": ("tlpipe.serve.app", "a local web page to upload images and see the model's answers"),
+    "export": (
+        "tlpipe.serve.export",
+        "write the model with its decision and guard as ONNX or OpenVINO IR, checked against Keras",
+    ),
     "predict": ("tlpipe.serve.predict", "classify image files or folders; CSV to stdout or --out"),
     "promote": (
         "tlpipe.ops.registry",

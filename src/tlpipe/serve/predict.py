@@ -9,7 +9,9 @@ reason instead of stopping the run.
 The model is a local ``.keras`` file (class names from ``--classes``) or an
 MLflow model URI such as ``models:/tlpipe-classifier@champion``: the raw-image
 pyfunc model that the evaluate stage logs (:mod:`tlpipe.serve.pyfunc`), which is
-sent the files' bytes and names its classes itself.
+sent the files' bytes and names its classes itself; or a folder written by
+``tlpipe export`` (:mod:`tlpipe.serve.exported`), run like the ``.keras`` file
+with its own decision and guard.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from tlpipe.model.decision import (
     load_decision,
 )
 from tlpipe.model.guard import GUARD_COLUMNS, Guard, feature_model, guard_columns, guard_path, load_guard
+from tlpipe.serve.exported import is_export, load_export
 
 BATCH = 32
 DEFAULT_MODEL = "models/model.keras"
@@ -268,10 +271,11 @@ def predict(
 
     ``model`` is a ``.keras`` file (``classes_path`` names its classes; default
     data/augmented/classes.json; its decision is ``decision_file``, default the
-    ``decision.json`` beside it) or an MLflow model URI, which carries both
-    (``classes_path`` and ``decision_file`` must be None).
+    ``decision.json`` beside it), a ``tlpipe export`` folder or an MLflow model URI,
+    which carry both (``classes_path`` and ``decision_file`` must be None).
     """
-    if is_mlflow_model(model) and (classes_path is not None or decision_file is not None):
+    carries_own = is_mlflow_model(model) or is_export(model)
+    if carries_own and (classes_path is not None or decision_file is not None):
         raise PipelineError(f"--classes and --decision are for a .keras model; {model} carries its own")
     files = image_files(paths)
     if not files:
@@ -281,6 +285,10 @@ def predict(
         loaded = load_logged_model(str(model))
         classes = logged_classes(loaded, str(model))
         rows = logged_model_rows(loaded, files, classes, progress)
+    elif is_export(model):
+        exported = load_export(Path(model))
+        classes = exported.decision.classes
+        rows = predict_rows(exported.model, files, exported.decision, progress, exported.guard)
     else:
         from tlpipe.model.storage import load_model
 
@@ -307,21 +315,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"a .keras file (default: {DEFAULT_MODEL}) or an MLflow model URI, e.g. "
-        "models:/tlpipe-classifier@champion, models:/NAME/3, models:/m-..., runs:/RUN_ID/classifier",
+        help=f"a .keras file (default: {DEFAULT_MODEL}), a folder written by tlpipe export, or an MLflow "
+        "model URI, e.g. models:/tlpipe-classifier@champion, models:/NAME/3, models:/m-..., runs:/RUN_ID/classifier",
     )
     parser.add_argument(
         "--classes",
         type=Path,
         default=None,
-        help=f"class names of a .keras model (default: {DEFAULT_CLASSES}); not for a model URI",
+        help=f"class names of a .keras model (default: {DEFAULT_CLASSES}); not for an export or a model URI",
     )
     parser.add_argument(
         "--decision",
         type=Path,
         default=None,
         help="the calibration and decision rule of a .keras model (default: decision.json beside it, "
-        "written by the evaluate stage); not for a model URI",
+        "written by the evaluate stage); not for an export or a model URI",
     )
     parser.add_argument("--out", type=Path, default=None, help="CSV file (default: standard output)")
 

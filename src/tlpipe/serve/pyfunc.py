@@ -20,6 +20,9 @@ Keras model with Keras safe mode. The serving environment must therefore have
 tlpipe installed (``pip install`` of this repository); no code is copied into
 the model (no ``code_paths``), and the logged pip requirements list only
 tlpipe's own dependencies.
+
+The same model class serves a ``tlpipe export`` folder (:func:`log_exported_model`):
+the exported network runs in place of Keras, decoding and decision unchanged.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from tlpipe.data.pixels import MAX_PIXELS, bytes_pixels
 from tlpipe.model.decision import Decision, argmax_decision, load_decision
 from tlpipe.model.guard import Guard, feature_model, guard_columns, load_guard
 from tlpipe.model.inference import decide
+from tlpipe.serve.exported import RUNTIMES, load_export
 
 IMAGE_COLUMN = "image"
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -118,6 +122,10 @@ class RawImageClassifier(PythonModel):
     def load_context(self, context) -> None:
         from tlpipe.model.storage import load_model  # Keras safe mode
 
+        if "export" in context.artifacts:  # a tlpipe export folder: network, decision and guard in one
+            exported = load_export(Path(context.artifacts["export"]))
+            self.model, self.decision, self.guard = exported.model, exported.decision, exported.guard
+            return
         self.model = load_model(Path(context.artifacts["keras_model"]))
         classes = [str(c) for c in read_json(Path(context.artifacts["classes"]))]
         # models logged before the decision travelled with them answer as they did: raw argmax
@@ -154,8 +162,8 @@ def signature(classes: list[str]):
     )
 
 
-def serving_requirements() -> list[str]:
-    """The model's requirements plus the decoders', pinned to the installed versions.
+def serving_requirements(extra: tuple[str, ...] = ()) -> list[str]:
+    """The model's requirements plus the decoders' (and ``extra`` packages), pinned to the installed versions.
 
     Given explicitly: MLflow would otherwise infer them in a subprocess that loads
     the model, about ten seconds.
@@ -165,7 +173,7 @@ def serving_requirements() -> list[str]:
     from tlpipe.core.tracking import model_requirements
 
     pins = model_requirements()
-    for package in DECODING_PACKAGES:
+    for package in (*DECODING_PACKAGES, *extra):
         try:
             pins.append(f"{package}=={version(package)}")
         except PackageNotFoundError:
@@ -201,4 +209,23 @@ def log_raw_image_model(
         signature=signature(classes),
         input_example=example,
         pip_requirements=serving_requirements(),
+    )
+
+
+def log_exported_model(export_dir: Path, example_image_bytes: bytes, name: str = "classifier"):
+    """Log a ``tlpipe export`` folder as the raw-image pyfunc model in the active MLflow run.
+
+    The folder travels whole as the model's one artifact, so the served model runs the exported network
+    through the decision and guard exported with it, and answers with the same columns as the Keras one.
+    """
+    exported = load_export(Path(export_dir))  # refuses an incomplete folder before anything is logged
+    classes = exported.decision.classes
+    example = pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(example_image_bytes).decode("ascii")]})
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=str(MODEL_CODE),
+        artifacts={"export": str(export_dir)},
+        signature=signature(classes),
+        input_example=example,
+        pip_requirements=serving_requirements((RUNTIMES[exported.manifest["format"]],)),
     )
