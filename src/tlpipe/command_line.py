@@ -25,6 +25,10 @@ COMMANDS = {
         "tlpipe.serve.export",
         "write the model with its decision and guard as ONNX or OpenVINO IR, checked against Keras",
     ),
+    "pr-report": (
+        "tlpipe.ops.pr_report",
+        "dvc pull, dvc repro, then params and metrics diffs against the base: a pull request's summary",
+    ),
     "predict": ("tlpipe.serve.predict", "classify image files or folders; CSV to stdout or --out"),
     "promote": (
         "tlpipe.ops.registry",

@@ -111,12 +111,14 @@ def echo(text: str) -> None:
     sys.stdout.flush()
 
 
-def progress_line(number: int, total: int, name: str) -> str:
-    return f"retrain [{number}/{total}] {name}"
+def progress_line(number: int, total: int, name: str, job: str = "retrain") -> str:
+    return f"{job} [{number}/{total}] {name}"
 
 
-def run_step(step: Step, number: int, total: int, repo: Path, env: Mapping[str, str]) -> None:
-    echo(progress_line(number, total, step.name))
+def run_step(
+    step: Step, number: int, total: int, repo: Path, env: Mapping[str, str], job: str = "retrain"
+) -> None:
+    echo(progress_line(number, total, step.name, job))
     if step.argv is None:
         return
     code, tail = stream_command(step.argv, repo, env)

@@ -1,9 +1,11 @@
 """Resumable training: a checkpoint per epoch, early stopping that survives a restart.
 
-A training stage keeps its checkpoint folder (a DVC ``persist`` output) between
-runs. After every epoch it saves the model and optimizer variables, the best
-weights so far and the early-stopping state; a rerun whose inputs have the same
-fingerprint loads them and continues from the next epoch. Every file is written
+A training stage keeps its checkpoint folder between runs: local scratch, ignored
+by git and deliberately no DVC output (a fresh clone lacks it, and DVC would rerun
+the stage for that); the fingerprint below, not DVC, decides whether it is used.
+After every epoch it saves the model and optimizer variables, the best weights so
+far and the early-stopping state; a rerun whose inputs have the same fingerprint
+loads them and continues from the next epoch. Every file is written
 to a temporary name and renamed, so a kill leaves the previous checkpoint intact.
 """
 
