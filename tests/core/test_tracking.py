@@ -60,6 +60,7 @@ def test_a_server_that_answers_health_passes() -> None:
         (["/venv/bin/python3.11", "/venv/bin/dvc", "repro"], True),
         (["python", "-m", "dvc", "repro", "--force"], True),
         (["dvc", "exp", "run"], True),
+        (["/venv/bin/dvc", "exp", "exec-run", "--infofile", "x.run"], True),  # a `dvc queue start` worker's
         (["dvc", "status"], False),
         (["dvc", "exp", "show"], False),
         (["python", "stages/split.py", "--raw", "data/raw"], False),
@@ -69,6 +70,23 @@ def test_a_server_that_answers_health_passes() -> None:
 )
 def test_is_dvc_execution(cmdline, expected) -> None:
     assert tracking.is_dvc_execution(cmdline) is expected
+
+
+def test_the_default_store_is_the_repositorys_even_from_a_queued_experiments_workspace(
+    tmp_path, monkeypatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    repo, workspace = tmp_path / "repo", tmp_path / "repo/.dvc/tmp/exps/tmp1"
+    workspace.mkdir(parents=True)
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("DVC_ROOT", str(repo))  # dvc repro: the stage runs in the repository
+    assert tracking.tracking_uri() == "sqlite:///mlflow.db"
+    monkeypatch.chdir(workspace)  # a queued experiment: DVC_ROOT is the repository it was queued in
+    assert tracking.tracking_uri() == f"sqlite:///{repo.resolve() / 'mlflow.db'}"
+    assert tracking._experiment_artifacts() == (repo.resolve() / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri() == "http://127.0.0.1:5000"
+    assert tracking._experiment_artifacts() is None  # the server decides
 
 
 def test_stages_under_one_dvc_process_share_its_execution_id(tmp_path) -> None:

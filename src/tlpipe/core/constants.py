@@ -18,6 +18,7 @@ SOURCES_DIR = "data/sources"
 STAGE_TAG = "tlpipe.stage"
 ROLE_TAG = "tlpipe.role"  # "pipeline" on the parent run of one dvc repro
 EXECUTION_TAG = "tlpipe.execution"
+DVC_EXPERIMENT_TAG = "tlpipe.dvc_experiment"  # the DVC experiment's name, on its pipeline run
 PARAMS_DIGEST_TAG = "tlpipe.params_digest"
 DATA_DIGEST_TAG = "tlpipe.data_digest"
 GIT_COMMIT_TAG = "tlpipe.git_commit"

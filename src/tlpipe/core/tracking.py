@@ -2,7 +2,9 @@
 
 The store defaults to ``sqlite:///mlflow.db`` (artifacts under ``mlruns/``) in the
 directory DVC runs stages from, the repository root; ``MLFLOW_TRACKING_URI`` and
-``MLFLOW_EXPERIMENT_NAME`` override it as MLflow users expect.
+``MLFLOW_EXPERIMENT_NAME`` override it as MLflow users expect (a team's server:
+docs/team.md). The experiment is marked as model training for MLflow 3's UI, and on a
+server each stage logs links that open the UI's model-training view of its run.
 
 Lineage. DVC starts each stage as its own process, so the stages of one
 ``dvc repro`` share nothing but their ancestor process. A stage run is nested
@@ -18,6 +20,7 @@ run, as ``tlpipe.cached.<stage>`` pointing to the run that produced them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -33,11 +36,22 @@ from typing import Any
 from tlpipe.core import constants as C
 from tlpipe.core.files import json_digest, path_digest, read_csv
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # in the directory DVC runs stages from
+DVC_ROOT_ENV = "DVC_ROOT"  # set by DVC for stage commands; a queued experiment's points at its repository
+DVC_EXPERIMENT_ENV = "DVC_EXP_NAME"  # set by DVC in a queued experiment
 DEFAULT_EXPERIMENT = "tlpipe"
 EXECUTION_ENV = "TLPIPE_EXECUTION_ID"
 # MLflow's context for a dataset input: what the stage does with it
 DATASET_CONTEXT = {"train-frozen": "training", "fine-tune": "training", "evaluate": "evaluation"}
+# MLflow 3's UI opens an experiment on its GenAI view (traces) unless told otherwise. The tag is the
+# experiment kind its experiment-type selector writes, and reads where its GenAI / model-training
+# switch is off; MLflow 3.17's switch is on and picks the view from the URL's workflowType (else the
+# browser's last choice, GenAI at first), so the links tlpipe logs carry that parameter
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+TRAINING_VIEW_QUERY = "workflowType=machine_learning"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,6 +65,7 @@ class StageContext:
 
 _context = StageContext()
 _pipeline_run_id: str | None = None  # the current stage's pipeline run, while it runs
+_muted = False  # in a stage_run(log=False): a multi-worker cluster's non-chief worker logs nothing
 
 
 def set_stage_context(context: StageContext) -> None:
@@ -59,7 +74,29 @@ def set_stage_context(context: StageContext) -> None:
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """``MLFLOW_TRACKING_URI``, else the repository's ``mlflow.db``.
+
+    A queued DVC experiment runs in a temporary copy of the repository that is removed
+    when it ends; DVC points ``DVC_ROOT`` at the repository itself, whose store is used.
+    """
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{_store_root() / 'mlflow.db'}"
+
+
+def _store_root() -> Path:
+    """Where the default store lives: the directory DVC runs stages from, or, in a queued
+    experiment's temporary workspace, the repository it was queued in."""
+    root = os.environ.get(DVC_ROOT_ENV)
+    if root and Path(root).resolve() != Path.cwd().resolve():
+        return Path(root).resolve()
+    return Path(".")
+
+
+def _experiment_artifacts() -> str | None:
+    """The default store's artifact folder beside it (``mlruns/``), absolute, so that an
+    experiment first created from a temporary workspace does not keep its artifacts there."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    return (_store_root() / "mlruns").resolve().as_uri()
 
 
 def experiment_name() -> str:
@@ -97,23 +134,79 @@ def _quiet_mlflow() -> None:
     # alembic prints a dozen INFO lines on the first use of a new store
     for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # MLflow prints links to each run it ends on a server, which open the UI's GenAI view;
+    # stage_run logs the model-training view's instead (unless the user asked for MLflow's)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+def use_experiment() -> str:
+    """Make tlpipe's store and experiment MLflow's current ones; the experiment's id.
+
+    The experiment is marked as model training (``mlflow.experimentKind``) unless it
+    has a kind already, one a user chose included.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    name = experiment_name()
+    if mlflow.get_experiment_by_name(name) is None:
+        # suppressed: a concurrent experiment of the same sweep may have created it first
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            mlflow.create_experiment(name, artifact_location=_experiment_artifacts())
+    experiment = mlflow.set_experiment(name)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return experiment.experiment_id
+
+
+def ui_url(experiment_id: str, run_id: str | None = None, uri: str | None = None) -> str | None:
+    """The MLflow UI's page of the experiment's runs (or of one run) in its model-training view.
+
+    None for a local store, which has no UI until ``mlflow ui`` serves it. Credentials in
+    the tracking URI are left out: the link is for logs.
+    """
+    from urllib.parse import urlsplit, urlunsplit
+
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    parts = urlsplit(uri.rstrip("/"))
+    base = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+    page = f"runs/{run_id}" if run_id else "runs"
+    return f"{base}/#/experiments/{experiment_id}/{page}?{TRAINING_VIEW_QUERY}"
+
+
+def log_ui_links(stage: str, experiment_id: str, run_id: str) -> None:
+    """Where to watch the stage's run and the experiment's, when the store is a server with a UI."""
+    run_url = ui_url(experiment_id, run_id)
+    if run_url:
+        logger.info("MLflow run %s: %s", stage, run_url)
+        logger.info("MLflow experiment (training runs): %s", ui_url(experiment_id))
 
 
 @contextmanager
 def stage_run(
-    stage: str, params: Mapping[str, object], tags: Mapping[str, str] | None = None
+    stage: str, params: Mapping[str, object], tags: Mapping[str, str] | None = None, log: bool = True
 ) -> Iterator[Any]:
     """An MLflow run for one stage, with its params, lineage tags and dataset inputs logged.
 
     Nested under the execution's pipeline run when there is one; output digests
-    are tagged once the body has written the outputs.
+    are tagged once the body has written the outputs. ``log=False`` (a worker of a
+    multi-worker cluster other than the chief, which logs for the cluster) opens no run
+    and touches no store, and every ``log_*`` call in the body does nothing (yields None).
     """
-    global _pipeline_run_id
+    global _pipeline_run_id, _muted
+    if not log:
+        _muted = True
+        try:
+            yield None
+        finally:
+            _muted = False
+        return
     import mlflow
 
     _quiet_mlflow()
-    mlflow.set_tracking_uri(tracking_uri())
-    experiment_id = mlflow.set_experiment(experiment_name()).experiment_id
+    experiment_id = use_experiment()
     client = mlflow.MlflowClient()
     inputs = {_key(p): path_digest(p) for p in _context.inputs if Path(p).exists()}
     execution = execution_id()
@@ -137,6 +230,7 @@ def stage_run(
             mlflow.log_params({k: _param_value(v) for k, v in params.items()})
             link_producers(client, experiment_id, run.info.run_id, parent, inputs)
             log_dataset_inputs(stage, inputs)
+            log_ui_links(stage, experiment_id, run.info.run_id)
             yield run
             outputs = {_key(p): path_digest(p) for p in _context.outputs if Path(p).exists()}
             mlflow.set_tags({C.OUTPUT_TAG_PREFIX + path: digest for path, digest in outputs.items()})
@@ -172,12 +266,14 @@ def dvc_ancestor() -> str | None:
 
 
 def is_dvc_execution(cmdline: Sequence[str]) -> bool:
-    """``dvc repro ...``, ``dvc exp run ...``, also as ``python -m dvc`` or a path to dvc."""
+    """``dvc repro ...``, ``dvc exp run ...`` (or a queue worker's ``dvc exp exec-run``), also as
+    ``python -m dvc`` or a path to dvc."""
     names = [Path(arg).name for arg in cmdline]
     if "dvc" not in names[:3]:
         return False
     rest = names[names.index("dvc") + 1 :]
-    return rest[:1] == ["repro"] or rest[:2] == ["exp", "run"]
+    # `dvc exp exec-run`: how `dvc queue start`'s workers run each queued experiment
+    return rest[:1] == ["repro"] or rest[:2] in (["exp", "run"], ["exp", "exec-run"])
 
 
 def pipeline_run(client, experiment_id: str, execution: str) -> str:
@@ -195,10 +291,16 @@ def pipeline_run(client, experiment_id: str, execution: str) -> str:
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
     run = client.create_run(
         experiment_id,
-        run_name=f"pipeline {commit}{'+changes' if git.get(C.GIT_DIRTY_TAG) == 'true' else ''} {started}",
+        run_name=f"{os.environ.get(DVC_EXPERIMENT_ENV) or 'pipeline'} {commit}"
+        f"{'+changes' if git.get(C.GIT_DIRTY_TAG) == 'true' else ''} {started}",
         tags={
             C.ROLE_TAG: "pipeline",
             C.EXECUTION_TAG: execution,
+            **(
+                {C.DVC_EXPERIMENT_TAG: os.environ[DVC_EXPERIMENT_ENV]}
+                if os.environ.get(DVC_EXPERIMENT_ENV)
+                else {}
+            ),
             C.PARAMS_DIGEST_TAG: json_digest(params),
             **git,
         },
@@ -294,7 +396,7 @@ def log_dataset_inputs(stage: str, inputs: Mapping[str, str]) -> None:
 
 def log_pipeline_metrics(metrics: Mapping[str, float]) -> None:
     """Also log these on the pipeline run, so executions compare on the same names in the UI."""
-    if _pipeline_run_id is None:
+    if _pipeline_run_id is None or _muted:
         return
     import mlflow
     from mlflow.entities import Metric
@@ -311,12 +413,16 @@ def _param_value(value: object) -> object:
 
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    if _muted:
+        return
     import mlflow
 
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
 def log_artifact(path: str, artifact_path: str | None = None) -> None:
+    if _muted:
+        return
     import mlflow
 
     mlflow.log_artifact(path, artifact_path=artifact_path)
@@ -329,6 +435,8 @@ def log_keras_model(model, name: str, example_batch) -> None:
     and fails (mlflow/mlflow#16183, open). The raw-image pyfunc model the evaluate
     stage logs carries one.
     """
+    if _muted:
+        return
     import mlflow
     from mlflow.models import infer_signature
 
