@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tlpipe.core import tracking
+from tlpipe.core import lineage, tracking
 from tlpipe.core.errors import PipelineError
 from tlpipe.core.files import json_digest, path_digest
 
@@ -69,7 +69,7 @@ def test_a_server_that_answers_health_passes() -> None:
     ],
 )
 def test_is_dvc_execution(cmdline, expected) -> None:
-    assert tracking.is_dvc_execution(cmdline) is expected
+    assert lineage.is_dvc_execution(cmdline) is expected
 
 
 def test_the_default_store_is_the_repositorys_even_from_a_queued_experiments_workspace(
@@ -91,7 +91,7 @@ def test_the_default_store_is_the_repositorys_even_from_a_queued_experiments_wor
 
 def test_stages_under_one_dvc_process_share_its_execution_id(tmp_path) -> None:
     # a stand-in `dvc` that starts two "stages", each printing the execution id it finds
-    stage = "from tlpipe.core.tracking import dvc_ancestor; print(dvc_ancestor())"
+    stage = "from tlpipe.core.lineage import dvc_ancestor; print(dvc_ancestor())"
     fake = tmp_path / "dvc"
     fake.write_text(
         "import subprocess, sys\n"
@@ -136,11 +136,11 @@ def _pipeline_runs(execution: str):
 def test_one_execution_is_one_pipeline_run_with_a_child_per_stage(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     raw, split = Path("data/raw"), Path("data/split")
-    monkeypatch.setenv(tracking.EXECUTION_ENV, f"exec-{uuid.uuid4()}")
+    monkeypatch.setenv(lineage.EXECUTION_ENV, f"exec-{uuid.uuid4()}")
     first = _run_stage("download", [], [raw], {raw / "manifest.csv": "path,label\na.png,cat\n"})
     second = _run_stage("split", [raw], [split], {split / "manifest.csv": "path,label,split\n"})
 
-    (parent,) = _pipeline_runs(os.environ[tracking.EXECUTION_ENV])
+    (parent,) = _pipeline_runs(os.environ[lineage.EXECUTION_ENV])
     assert parent.info.status == "FINISHED"
     assert parent.data.params["x.a"] == "1"  # every param, to compare executions side by side
     for child in (first, second):
@@ -163,9 +163,9 @@ def test_one_execution_is_one_pipeline_run_with_a_child_per_stage(tmp_path, monk
     assert (tmp_path / "data/raw").as_uri() in dataset_input.dataset.source
 
     # a second execution in which DVC skipped download: split links to the cached download run
-    monkeypatch.setenv(tracking.EXECUTION_ENV, f"exec-{uuid.uuid4()}")
+    monkeypatch.setenv(lineage.EXECUTION_ENV, f"exec-{uuid.uuid4()}")
     again = _run_stage("split", [raw], [split], {split / "manifest.csv": "path,label,split\n"})
-    (parent2,) = _pipeline_runs(os.environ[tracking.EXECUTION_ENV])
+    (parent2,) = _pipeline_runs(os.environ[lineage.EXECUTION_ENV])
     assert parent2.info.run_id != parent.info.run_id
     assert again.data.tags["tlpipe.input_run.data/raw"] == first.info.run_id
     assert parent2.data.tags["tlpipe.cached.download"] == first.info.run_id
@@ -173,7 +173,7 @@ def test_one_execution_is_one_pipeline_run_with_a_child_per_stage(tmp_path, monk
 
 def test_git_state_tags_commit_and_changes(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    assert tracking.git_state() == {}  # not a git work tree: no tags, no error
+    assert lineage.git_state() == {}  # not a git work tree: no tags, no error
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid"]
     subprocess.run(["git", "init", "-q"], check=True)
     Path("params.yaml").write_text("a: 1\n")
@@ -182,24 +182,24 @@ def test_git_state_tags_commit_and_changes(tmp_path, monkeypatch) -> None:
     head = subprocess.run(
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
-    assert tracking.git_state() == {"tlpipe.git_commit": head, "tlpipe.git_dirty": "false"}
+    assert lineage.git_state() == {"tlpipe.git_commit": head, "tlpipe.git_dirty": "false"}
     Path("params.yaml").write_text("a: 2\n")
-    assert tracking.git_state()["tlpipe.git_dirty"] == "true"
+    assert lineage.git_state()["tlpipe.git_dirty"] == "true"
 
 
 def test_a_failing_stage_marks_the_pipeline_run_failed(monkeypatch, tmp_path) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(tracking.EXECUTION_ENV, f"exec-{uuid.uuid4()}")
+    monkeypatch.setenv(lineage.EXECUTION_ENV, f"exec-{uuid.uuid4()}")
     with pytest.raises(RuntimeError), tracking.stage_run("train-frozen", {}):
         raise RuntimeError("boom")
-    (parent,) = _pipeline_runs(os.environ[tracking.EXECUTION_ENV])
+    (parent,) = _pipeline_runs(os.environ[lineage.EXECUTION_ENV])
     assert parent.info.status == "FAILED"
 
 
 def test_pipeline_metrics_land_on_the_pipeline_run(monkeypatch, tmp_path) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(tracking.EXECUTION_ENV, f"exec-{uuid.uuid4()}")
+    monkeypatch.setenv(lineage.EXECUTION_ENV, f"exec-{uuid.uuid4()}")
     with tracking.stage_run("evaluate", {}):
         tracking.log_pipeline_metrics({"accuracy": 0.75})
-    (parent,) = _pipeline_runs(os.environ[tracking.EXECUTION_ENV])
+    (parent,) = _pipeline_runs(os.environ[lineage.EXECUTION_ENV])
     assert parent.data.metrics["accuracy"] == 0.75

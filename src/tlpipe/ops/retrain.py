@@ -29,7 +29,7 @@ from typing import Any
 
 from tlpipe.core.config import SUMMARY_METRICS
 from tlpipe.core.errors import PipelineError
-from tlpipe.core.tracking import EXECUTION_ENV
+from tlpipe.core.lineage import EXECUTION_ENV
 
 EXECUTION_ID_VARIABLE = EXECUTION_ENV  # groups the runs of one retrain under one pipeline run
 METRICS = Path("results/evaluate/metrics.json")

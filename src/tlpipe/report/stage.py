@@ -17,7 +17,7 @@ from typing import cast
 import yaml
 
 from tlpipe.core import constants as C
-from tlpipe.core import tracking
+from tlpipe.core import lineage, tracking
 from tlpipe.core.config import PIPELINE_SECTIONS, Params, flat_params
 from tlpipe.core.files import atomic_write, path_digest, read_json
 from tlpipe.report import inputs
@@ -161,7 +161,7 @@ def _digest(augmented_dir: Path | None) -> str:
 
 
 def _commit() -> str:
-    state = tracking.git_state()
+    state = lineage.git_state()
     dirty = " (with uncommitted changes)" if state.get(C.GIT_DIRTY_TAG) == "true" else ""
     return (state.get(C.GIT_COMMIT_TAG) or "unknown") + dirty
 

@@ -23,7 +23,7 @@ from tlpipe.model.backbones import get_backbone, resolve_weights, set_top_blocks
 from tlpipe.model.outputs import find_backbone
 from tlpipe.model.storage import load_model, save_model_atomically
 from tlpipe.train.activation_cache import CannotCut, cached_inputs, cut_at_first_trainable
-from tlpipe.train.checkpoints import Checkpoint, TrainingState, fingerprint
+from tlpipe.train.checkpoints import Checkpoint, fingerprint
 from tlpipe.train.devices import apply_precision, distribution_strategy
 from tlpipe.train.features import data_digest
 from tlpipe.train.fitting import (
@@ -36,6 +36,7 @@ from tlpipe.train.fitting import (
     write_history,
 )
 from tlpipe.train.optimization import class_weights, lr_factors_for
+from tlpipe.train.workers import outputs_of, start_state, this_worker
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +104,11 @@ def fine_tune(
     ``backbone_weights`` is train_frozen.weights: ``none`` (the from-scratch
     baseline) trains every layer, BatchNormalization included, at
     ``scratch_learning_rate``, as there are no pretrained features to protect.
+    Under ``distribution: multi_worker`` only the chief writes the outputs and logs
+    (:mod:`tlpipe.train.workers`); the other workers write to scratch.
     """
     strategy = distribution_strategy(params.distribution)
+    worker = this_worker(params.distribution)
     seed_everything(params.seed)
     apply_precision(params.mixed_precision)
     data = load_augmented(augmented_dir)
@@ -113,9 +117,10 @@ def fine_tune(
     # the run's params and fingerprint are the section as written, before the rate is resolved
     run_params = {**section_dict(params, "fine_tune"), "train_frozen.weights": backbone_weights}
     model_digest = path_digest(model_in) if Path(model_in).exists() else None
-    checkpoint = Checkpoint(Path(checkpoint_dir), fingerprint(run_params, data_digest(data), model_digest))
     params = phase_params(params, scratch)
-    with tracking.stage_run("fine-tune", run_params):
+    with outputs_of(worker) as own, tracking.stage_run("fine-tune", run_params, log=worker.is_chief):
+        model_out, history_out, checkpoint_dir = own(model_out), own(history_out), own(checkpoint_dir)
+        checkpoint = Checkpoint(checkpoint_dir, fingerprint(run_params, data_digest(data), model_digest))
         with strategy.scope():
             model = load_model(model_in)
         backbone_model, backbone_name = find_backbone(model)
@@ -123,7 +128,7 @@ def fine_tune(
         logger.info(f"fine-tune: {describe_class_weight(weights, data.classes)}")
         plan = unfreeze_plan(params, get_backbone(backbone_name).block_count)
         initial_weights = model.get_weights()
-        state = checkpoint.load_state() or TrainingState(checkpoint.fingerprint)
+        state = start_state(checkpoint, worker)
         start = time.perf_counter()
         unfrozen = 0
         for step in plan:

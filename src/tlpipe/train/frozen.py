@@ -18,7 +18,7 @@ from tlpipe.core.config import TrainFrozenParams, section_dict
 from tlpipe.data.datasets import AugmentedData, load_augmented, load_images
 from tlpipe.model.oof_file import OutOfFold, write_out_of_fold
 from tlpipe.model.storage import save_model_atomically
-from tlpipe.train.checkpoints import Checkpoint, TrainingState, fingerprint
+from tlpipe.train.checkpoints import Checkpoint, fingerprint
 from tlpipe.train.devices import apply_precision, distribution_strategy
 from tlpipe.train.features import compute_features, data_digest, feature_dataset
 from tlpipe.train.fitting import (
@@ -33,6 +33,7 @@ from tlpipe.train.fitting import (
 from tlpipe.train.head import assemble, build_backbone_model, build_head
 from tlpipe.train.optimization import class_weights
 from tlpipe.train.out_of_fold import cross_fit
+from tlpipe.train.workers import outputs_of, start_state, this_worker
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +47,20 @@ def train_frozen(
     oof_out: Path | None = None,
 ) -> dict[str, float]:
     """The train-frozen stage: features cached once, a head trained on them, one model saved; and, with
-    ``params.oof_folds``, out-of-fold predictions over train+val (``oof_out``) for the decision rule."""
+    ``params.oof_folds``, out-of-fold predictions over train+val (``oof_out``) for the decision rule.
+
+    Under ``distribution: multi_worker`` only the chief writes these paths and logs
+    (:mod:`tlpipe.train.workers`); the other workers write to scratch."""
     strategy = distribution_strategy(params.distribution)
+    worker = this_worker(params.distribution)
     seed_everything(params.seed)
     policy = apply_precision(params.mixed_precision)
     data = load_augmented(augmented_dir)
     n_classes = len(data.classes)
-    checkpoint_dir = Path(checkpoint_dir)
-    with tracking.stage_run("train-frozen", section_dict(params, "train_frozen")):
+    run_params = section_dict(params, "train_frozen")
+    with outputs_of(worker) as own, tracking.stage_run("train-frozen", run_params, log=worker.is_chief):
+        model_out, history_out, checkpoint_dir = own(model_out), own(history_out), own(checkpoint_dir)
+        oof_out = None if oof_out is None else own(oof_out)
         backbone_model = build_backbone_model(params.backbone, params.weights, data.image_size)
         features_key = fingerprint(params.backbone, params.weights, policy, data_digest(data))
         start = time.perf_counter()
@@ -71,7 +78,7 @@ def train_frozen(
         weights = class_weights(data.split("train").labels, n_classes, params.class_weight)
         logger.info(f"train-frozen: {describe_class_weight(weights, data.classes)}")
         checkpoint = Checkpoint(checkpoint_dir / "head", fingerprint(features_key, section_dict(params, "")))
-        state = checkpoint.load_state() or TrainingState(checkpoint.fingerprint)
+        state = start_state(checkpoint, worker)
         start = time.perf_counter()
         with strategy.scope():
             head = build_head(cached["train"].shape[1], n_classes, params.dropout, params.head_l2)
@@ -97,12 +104,14 @@ def train_frozen(
             "head_seconds": head_seconds,
         }
         start = time.perf_counter()
-        oof = out_of_fold(data, cached, params, int(metrics["best_epoch"]))
+        # no collective op in it, and a non-chief worker's file would be thrown away: only the chief
+        oof = out_of_fold(data, cached, params, int(metrics["best_epoch"])) if worker.is_chief else None
         metrics["oof_seconds"] = time.perf_counter() - start
         model = assemble(backbone_model, head, n_classes, params.dropout, params.head_l2)
         save_model_atomically(model, model_out)
         write_history(state.rows, history_out)
-        if oof_out is not None:  # after the model: a failed save leaves no new file beside the old model
+        # after the model: a failed save leaves no new file beside the old model
+        if oof_out is not None and oof is not None:
             write_out_of_fold(Path(oof_out), oof, data.classes)
             logger.info(f"train-frozen: out-of-fold predictions for {len(oof.paths)} images in {oof_out}")
         checkpoint.finish(state)
