@@ -66,20 +66,35 @@ def rate(images: int | None, seconds: float) -> float | None:
     return round(images / seconds, 1) if images and seconds > 0 else None
 
 
+# Linux counts in a process's peak RSS the memory of the process it was forked from (the high-water mark
+# is kept across exec), so a command forked from this one, or from a test worker holding TensorFlow,
+# would report that size. A small fresh Python process starts the command and reports its wait4.
+_STARTER = (
+    "import json, os, subprocess, sys\n"
+    "proc = subprocess.Popen(sys.argv[2:])\n"
+    "_, status, usage = os.wait4(proc.pid, 0)\n"
+    "with open(sys.argv[1], 'w') as f:\n"
+    "    json.dump({'code': os.waitstatus_to_exitcode(status), 'cpu_s': usage.ru_utime + usage.ru_stime,"
+    " 'maxrss': usage.ru_maxrss}, f)\n"
+)
+
+
 def measured(cmd: list[str], cwd: Path, env: dict, log: Path) -> dict:
     """Run ``cmd`` with its output to ``log``: wall and CPU seconds (its whole process tree) and the peak
     RSS of its largest process, from ``wait4``: this command's alone, not the benchmark's so far."""
+    report = log.with_name(log.name + ".rusage.json")
     with open(log, "w") as out:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        subprocess.run([sys.executable, "-c", _STARTER, str(report), *cmd], cwd=cwd, env=env, stdout=out,
+                       stderr=subprocess.STDOUT, check=False)  # fmt: skip
         wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): see {log}")
+    usage = json.loads(report.read_text())
+    report.unlink()
+    if usage["code"] != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({usage['code']}): see {log}")
     kib = 1024 * (1024 if sys.platform == "darwin" else 1)  # ru_maxrss: bytes on macOS, KiB on Linux
-    return {"wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-            "peak_rss_mib": round(usage.ru_maxrss / kib, 1)}  # fmt: skip
+    return {"wall_s": round(wall, 1), "cpu_s": round(usage["cpu_s"], 1),
+            "peak_rss_mib": round(usage["maxrss"] / kib, 1)}  # fmt: skip
 
 
 def count_rows(path: Path, column: str | None = None) -> dict[str, int]:
