@@ -37,14 +37,14 @@ GIT_IDENTITY = {
 
 
 def configure_step_script() -> str:
-    """The workflow step's shell script, with the venv's tools wherever this interpreter lives.
+    """The workflow step's shell script, as written (it calls .github/scripts/configure-dvc-remote.sh).
 
     Its ``pip install -c constraints.txt dvc-s3`` finds the pinned version already there (make
     setup installs the test extra) and changes nothing."""
     spec = yaml.safe_load(WORKFLOW.read_text())
     steps = [s for job in spec["jobs"].values() for s in job["steps"] if s.get("name") == CONFIGURE_STEP]
     assert len(steps) == 1, f"{WORKFLOW.name} has no single step named {CONFIGURE_STEP!r}"
-    return steps[0]["run"].replace(".venv/bin/", f"{Path(sys.executable).parent}/")
+    return steps[0]["run"]
 
 
 class Transcript:
@@ -73,6 +73,7 @@ class Transcript:
 
     def configure_remote(self, where: Path, remote) -> subprocess.CompletedProcess:
         env = dict(self.env, DVC_REMOTE_URL=remote.url, DVC_REMOTE_ENDPOINT_URL=remote.endpoint)
+        env["VENV_BIN"] = str(Path(sys.executable).parent)  # the script's tools wherever this venv lives
         # as GitHub Actions runs a step's script
         argv = ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", configure_step_script()]
         return self.run(where, argv, f"(retrain.yml) {CONFIGURE_STEP}", env=env)

@@ -8,6 +8,7 @@ a first run that becomes champion, then a deliberately worse one the gate refuse
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -105,6 +106,37 @@ def test_workflows_use_current_action_versions(name):
     assert used
     for action, major in used:
         assert major >= minimum.get(action, 1), f"{action}@v{major}"
+
+
+REMOTE_SCRIPT = ".github/scripts/configure-dvc-remote.sh"
+
+
+@pytest.mark.parametrize("name", ["retrain.yml", "pr-report.yml"])
+def test_workflows_configure_the_dvc_remote_with_the_one_script(name):
+    runs = "\n".join(s.get("run", "") for s in steps(workflow(name)))
+    assert f"bash {REMOTE_SCRIPT}" in runs
+    assert "dvc remote add" not in runs  # not a second copy of what the script does
+
+
+def test_remote_script_without_a_url_says_which_variable_to_set(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("DVC_REMOTE_URL", "DVC_REMOTE_ENDPOINT_URL")}
+    proc = subprocess.run(
+        ["bash", str(REPO / REMOTE_SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 1
+    assert "DVC_REMOTE_URL" in proc.stdout + proc.stderr
+    assert not (tmp_path / ".dvc").exists()
+
+
+def test_remote_script_makes_a_local_url_the_default_remote_outside_git(tmp_path):
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    remote = tmp_path.parent / f"{tmp_path.name}-store"
+    env = dict(os.environ, DVC_REMOTE_URL=str(remote), VENV_BIN=str(Path(sys.executable).parent))
+    env.pop("DVC_REMOTE_ENDPOINT_URL", None)
+    subprocess.run(["bash", str(REPO / REMOTE_SCRIPT)], cwd=tmp_path, env=env, check=True)
+    local = (tmp_path / ".dvc" / "config.local").read_text()
+    assert "remote = storage" in local and str(remote) in local
+    assert "storage" not in (tmp_path / ".dvc" / "config").read_text()
 
 
 # ------------------------------------------------------------------ the script's parts
