@@ -26,7 +26,7 @@ run: $(STAMP)
 	$(BIN)/dvc repro
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n logical --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n logical --dist loadfile --durations=30 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -n logical --dist loadfile -m "not e2e and not slow" $(PYTEST_ARGS)
