@@ -6,9 +6,13 @@ pixels: forward images/s (the frozen phase's feature pass) and training images/s
 (the fine-tune phase), after warm-up steps. Variants: float32; the ``mixed_bfloat16`` policy;
 ``ONEDNN_DEFAULT_FPMATH_MODE=BF16`` (float32 model, oneDNN free to use bf16 kernels); and each with
 ``jit_compile=True`` (XLA). ``--variants`` picks others, e.g. ``mixed_float16`` and ``mixed_float16_xla`` on a
-GPU. Not part of the test suite; about a minute per variant on 2 cores.
+GPU. ``--frozen-batchnorm`` trains as the fine-tune stage does (every block, BatchNormalization frozen) and
+``--rounds N`` alternates the variants N times, for a comparison made at one time on one machine. Not part of
+the test suite; about a minute per variant on 2 cores.
 
     .venv/bin/python benchmarks/precision_speed.py --size 128 --out results/precision_speed.json
+    .venv/bin/python benchmarks/precision_speed.py --size 128 --frozen-batchnorm --rounds 3 \
+        --variants float32 onednn_bf16_math --out results/precision_speed_frozen_bn.json
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ VARIANTS = {
 CPU_VARIANTS = ["float32", "mixed_bfloat16", "onednn_bf16_math", "float32_xla", "mixed_bfloat16_xla"]
 
 
-def measure(policy: str, jit: bool, size: int, steps: int, top_blocks: list[int]) -> dict:
+def measure(
+    policy: str, jit: bool, size: int, steps: int, top_blocks: list[int], frozen_batchnorm: bool = False
+) -> dict:
     """Run in the child: forward and training images/s for one variant; with ``top_blocks``, also
     fine-tuning's top K blocks on cached activations (tlpipe.train.activation_cache): the frozen bottom's
     forward images/s (once per image) and the top's training images/s (every epoch)."""
@@ -62,7 +68,15 @@ def measure(policy: str, jit: bool, size: int, steps: int, top_blocks: list[int]
         forward(batch).numpy()
     forward_rate = steps * 32 / (time.perf_counter() - start)
 
-    backbone.trainable = True
+    if (
+        frozen_batchnorm
+    ):  # as fine-tune's unfreeze_blocks: all trains it: BatchNormalization in inference mode
+        from tlpipe.model.backbones import get_backbone, set_top_blocks_trainable
+
+        spec = get_backbone("efficientnet_lite0")
+        set_top_blocks_trainable(backbone, spec, spec.block_count)
+    else:
+        backbone.trainable = True
     model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="binary_crossentropy", jit_compile=jit)
     data = tf.data.Dataset.from_tensors((batch, labels)).repeat(steps + 3)
     model.fit(data.take(3), epochs=1, verbose=0)  # warm-up: tracing and compiling
@@ -130,15 +144,29 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="also time training the top K blocks on cached activations",
     )
+    parser.add_argument(
+        "--frozen-batchnorm",
+        action="store_true",
+        help="train every block with BatchNormalization frozen, as the fine-tune stage does",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run the variants this many times, alternating (NAME#ROUND)"
+    )
     parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # the child's
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.variant:
         spec = VARIANTS[args.variant]
-        print(json.dumps(measure(spec["policy"], spec["jit"], args.size, args.steps, args.top_blocks)))
+        measured = measure(
+            spec["policy"], spec["jit"], args.size, args.steps, args.top_blocks, args.frozen_batchnorm
+        )
+        print(json.dumps(measured))
         return 0
     results = {}
-    for name in args.variants:
+    # alternating rounds: a drift in the machine's speed then falls on every variant alike
+    runs = [(name, r) for r in range(1, args.rounds + 1) for name in args.variants]
+    for name, r in runs:
+        key = name if args.rounds == 1 else f"{name}#{r}"
         spec = VARIANTS[name]
         env = {**os.environ, **spec["env"], "TF_CPP_MIN_LOG_LEVEL": "2"}
         cmd = [
@@ -152,16 +180,18 @@ def main(argv: list[str] | None = None) -> int:
             str(args.steps),
             "--top-blocks",
             *map(str, args.top_blocks),
+            *(["--frozen-batchnorm"] if args.frozen_batchnorm else []),
         ]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0:
-            results[name] = {
+            results[key] = {
                 "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"
             }
         else:
-            results[name] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
+            results[key] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{key}: {results[key]}", file=sys.stderr, flush=True)
     report_json({"size": args.size, "batch": 32, "top_blocks": args.top_blocks, "steps": args.steps, "cpu_flags": cpu_flags(),
+                 "frozen_batchnorm": args.frozen_batchnorm, "rounds": args.rounds,
                  "cpus": os.cpu_count(), "variants": results}, args.out)  # fmt: skip
     return 0
 
