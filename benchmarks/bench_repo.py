@@ -113,3 +113,18 @@ def tests_on_path() -> None:
     for folder in (REPO / "tests" / "serve", REPO / "tests"):
         if str(folder) not in sys.path:
             sys.path.insert(0, str(folder))
+
+
+def random_pngs(folder: Path, n: int, size: int) -> list[str]:
+    """``n`` PNGs of random pixels, ``size`` px square, written into ``folder`` (seeded): their paths."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        path = folder / f"{i:05d}.png"
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        tf.io.write_file(str(path), tf.io.encode_png(pixels))
+        paths.append(str(path))
+    return paths

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
 
+from bench_repo import random_pngs
 from tlpipe.data.datasets import SplitData, image_dataset
 from tlpipe.train import features
 from tlpipe.train.head import build_backbone_model
@@ -23,12 +23,7 @@ from tlpipe.train.head import build_backbone_model
 
 def main(size: int, n: int) -> None:
     tmp = Path(tempfile.mkdtemp())
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(n):
-        path = tmp / f"{i:05d}.png"
-        tf.io.write_file(str(path), tf.io.encode_png(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)))
-        paths.append(str(path))
+    paths = random_pngs(tmp, n, size)
     data = SplitData(paths, np.zeros(n, np.int32), paths)
     backbone = build_backbone_model("efficientnet_lite0", "imagenet", size)
     ds = image_dataset(data, 32, with_labels=False)

@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_repo import report_json
+from bench_repo import random_pngs, report_json
 
 VARIANTS = {
     "pipeline": {"env": {}, "in_memory": False},
@@ -46,20 +46,6 @@ def memory_mib() -> dict[str, float]:
     return fields
 
 
-def write_images(folder: Path, n: int, size: int) -> list[str]:
-    import numpy as np
-    import tensorflow as tf
-
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(n):
-        path = folder / f"{i:05d}.png"
-        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-        tf.io.write_file(str(path), tf.io.encode_png(pixels))
-        paths.append(str(path))
-    return paths
-
-
 def measure(n_images: int, size: int, epochs: int, in_memory: bool) -> dict:
     """Run in the child: VmRSS every 25 batches of a fit that trains every block."""
     import keras
@@ -73,7 +59,7 @@ def measure(n_images: int, size: int, epochs: int, in_memory: bool) -> dict:
     keras.utils.set_random_seed(0)
     samples: list[dict] = [{"batch": 0, "epoch": 0, **memory_mib()}]
     with tempfile.TemporaryDirectory() as tmp:
-        paths = write_images(Path(tmp), n_images, size)
+        paths = random_pngs(Path(tmp), n_images, size)
         labels = (np.arange(n_images) % 2).astype(np.float32)[:, None]
         split = SplitData(paths=paths, labels=labels, rel_paths=paths)
         if in_memory:
