@@ -14,7 +14,7 @@ from tlpipe.core.config import FineTuneParams
 from tlpipe.data.datasets import load_augmented, load_images
 from tlpipe.model import outputs
 from tlpipe.model.backbones import get_backbone, set_top_blocks_trainable
-from tlpipe.train.activation_cache import CannotCut, cut_at_first_trainable
+from tlpipe.train.activation_cache import CannotCut, cut_at_first_trainable, multiply_adds
 from tlpipe.train.fine_tune import fine_tune
 
 pytestmark = pytest.mark.slow  # builds, trains or runs real Keras models
@@ -110,6 +110,27 @@ def test_a_frozen_batchnorm_below_the_cut_is_accepted() -> None:
     assert cut.cut == "trainable_conv"
     x = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
     np.testing.assert_allclose(cut.top(cut.bottom(x)), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_multiply_adds_count_each_kernel_weight_once_per_output_position() -> None:
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)  # 8 x 8 positions x (3 x 3 x 3 x 4) weights
+    x = keras.layers.DepthwiseConv2D(3, strides=2, padding="same")(x)  # 4 x 4 x (3 x 3 x 4 x 1)
+    x = keras.layers.BatchNormalization()(x)  # no kernel: left out
+    outputs_ = keras.layers.Dense(5)(keras.layers.GlobalAveragePooling2D()(x))  # 4 x 5
+    model = keras.Model(inputs, outputs_)
+    assert multiply_adds(model.layers) == 64 * 108 + 16 * 36 + 20
+    assert multiply_adds([keras.Sequential([model])]) == multiply_adds(model.layers)  # nested models count
+
+
+def test_a_bottom_doing_little_of_the_work_is_not_cut(tri: Trained) -> None:
+    # every block trainable (the default "all"): below the cut lies only the stem, under 10 % of the work
+    model = load(tri.frozen)
+    backbone, _ = outputs.find_backbone(model)
+    spec = get_backbone(BACKBONE)
+    set_top_blocks_trainable(backbone, spec, spec.block_count)
+    with pytest.raises(CannotCut, match=r"does 2\.8% of the backbone's multiply-adds \(under 10%\)"):
+        cut_at_first_trainable(model, backbone)
 
 
 def test_training_every_layer_has_nothing_to_cache(tri: Trained) -> None:

@@ -11,7 +11,11 @@ saved model is still the whole network taking raw pixels.
 The cut is refused, and training goes through the whole network, when it would
 change what is trained: a layer below the cut that behaves differently in
 training (dropout, random transforms), or layers above the cut that
-also read activations from below it (a skip connection across the cut).
+also read activations from below it (a skip connection across the cut). It is
+also refused when it would save little: a bottom doing under
+``MIN_BOTTOM_SHARE`` of the backbone's multiply-adds (with every block trainable,
+only the stem) saves that share of the forward pass, while its output, cached,
+is several times the image's size (7 GB for Kermany at 128 px; docs/speed.md).
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ from tlpipe.train.checkpoints import fingerprint
 from tlpipe.train.features import compute_features, data_digest, feature_dataset
 
 logger = logging.getLogger(__name__)
+
+MIN_BOTTOM_SHARE = (
+    0.10  # chosen before its runs: docs/speed.md, "The activation cache when every block trains"
+)
 
 
 class CannotCut(Exception):
@@ -58,6 +66,12 @@ def cut_at_first_trainable(model: keras.Model, backbone_model: keras.Model) -> C
     if not any(layer.weights for layer in layers[:first]):
         raise CannotCut(f"nothing with weights lies below the first trainable layer {layers[first].name!r}")
     cut_layer = layers[first]
+    share = multiply_adds(layers[:first]) / max(multiply_adds(layers), 1)
+    if share < MIN_BOTTOM_SHARE:
+        raise CannotCut(
+            f"the frozen bottom below {cut_layer.name!r} does {share:.1%} of the backbone's multiply-adds "
+            f"(under {MIN_BOTTOM_SHARE:.0%}): caching its output would cost more disk than it saves time"
+        )
     for layer in layers[:first]:
         if _behaves_differently_in_training(layer):
             raise CannotCut(f"{layer.name!r} below the cut behaves differently in training")
@@ -74,6 +88,25 @@ def cut_at_first_trainable(model: keras.Model, backbone_model: keras.Model) -> C
         x = layer(x)
     bottom = keras.Model(backbone_model.input, cut_layer.input, name="frozen_bottom")
     return CutModel(bottom, keras.Model(inputs, x, name="trainable_top"), cut_layer.name)
+
+
+def multiply_adds(layers: list[keras.layers.Layer]) -> int:
+    """The multiply-adds per image of ``layers``' kernels (convolutions, dense layers; nested models too).
+
+    A kernel's weights each multiply once per output position: its size times the
+    output's spatial size (1 for a dense layer). Biases, normalisation and
+    activations, a small share, are left out.
+    """
+    total = 0
+    for layer in layers:
+        if isinstance(layer, keras.Model):
+            total += multiply_adds(layer.layers)
+            continue
+        kernels = [w for w in layer.weights if "kernel" in w.name]
+        if kernels:
+            positions = int(np.prod(layer.output.shape[1:-1]))
+            total += positions * sum(int(np.prod(w.shape)) for w in kernels)
+    return total
 
 
 def _behaves_differently_in_training(layer: keras.layers.Layer) -> bool:
