@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,8 +30,7 @@ from pathlib import Path
 
 import psutil
 
-from bench_repo import STAGES, bring_in, copy_repo, edit_params, environment, report_json
-from decision_rules import DATASETS
+from bench_repo import RECIPES, STAGES, edit_params, recipe_repo, report_json
 from stage_table import measured
 
 
@@ -83,17 +81,11 @@ def last_epoch(history: Path) -> dict:
 
 
 def run(recipe: str, size: int, epochs: int, rounds: int, log_dir: Path) -> dict:
-    name, data, point_at = DATASETS[recipe]
     log_dir.mkdir(parents=True, exist_ok=True)
     runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix=f"tlpipe-bench-actcache-{recipe}-{size}-") as tmp:
         repo = Path(tmp)
-        copy_repo(repo)
-        env = environment(repo)
-        target = bring_in(repo, data, data.name)
-        subprocess.run([str(Path(sys.executable).parent / "tlpipe"), "recipe", name], cwd=repo, env=env,
-                       check=True, stdout=subprocess.DEVNULL)  # fmt: skip
-        edit_params(repo, [*point_at(target), f"augment.image_size={size}", f"fine_tune.epochs={epochs}"])
+        env = recipe_repo(repo, recipe, [f"augment.image_size={size}", f"fine_tune.epochs={epochs}"])
         for stage in STAGES[: STAGES.index("fine-tune")]:
             row = measured(
                 [sys.executable, "-m", "dvc", "repro", "-s", stage], repo, env, log_dir / f"{stage}.log"
@@ -145,7 +137,7 @@ def measure_with_peaks(cmd: list[str], repo: Path, env: dict, log: Path) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--recipe", choices=sorted(DATASETS), default="kermany")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="kermany")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2)

@@ -18,6 +18,15 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 STAGES = ["download", "split", "augment", "train-frozen", "fine-tune", "evaluate", "report"]
+RECIPES = {
+    # tlpipe recipe, the shared data, the params that point the recipe at the brought-in copy
+    "kermany": ("kermany", SHARED / "chest_xray", lambda path: []),
+    "pneumoniamnist": (
+        "pneumoniamnist",
+        SHARED / "pneumoniamnist.npz",
+        lambda path: ["data.medmnist.name=null", f"data.medmnist.path={path}"],
+    ),
+}
 
 
 def apply_overrides(params: dict, overrides: list[str]) -> dict:
@@ -70,6 +79,19 @@ def bring_in(repo: Path, data: Path, name: str) -> str:
     subprocess.run([sys.executable, "-m", "dvc", "add", "-q", str(data), "--out", rel], cwd=repo,
                    env=environment(repo), check=True)  # fmt: skip
     return rel
+
+
+def recipe_repo(repo: Path, dataset: str, overrides: list[str]) -> dict[str, str]:
+    """A scratch copy of the repository in ``repo`` set up as a user would for ``dataset`` (``RECIPES``):
+    the shared data brought in, ``tlpipe recipe NAME``, then ``overrides``. The environment to run it in."""
+    recipe, data, point_at = RECIPES[dataset]
+    copy_repo(repo)
+    env = environment(repo)
+    target = bring_in(repo, data, data.name)
+    subprocess.run([str(Path(sys.executable).parent / "tlpipe"), "recipe", recipe], cwd=repo, env=env,
+                   check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    edit_params(repo, [*point_at(target), *overrides])
+    return env
 
 
 def run_stages(repo: Path, name: str, log_dir: Path) -> tuple[dict[str, float], dict[str, float]]:

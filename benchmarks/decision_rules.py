@@ -21,17 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_repo import SHARED, bring_in, copy_repo, edit_params, environment, report_json, run_stages
+from bench_repo import RECIPES, edit_params, environment, recipe_repo, report_json, run_stages
 
-DATASETS = {
-    # recipe, the shared data, the params that point the recipe at the brought-in copy
-    "kermany": ("kermany", SHARED / "chest_xray", lambda path: []),
-    "pneumoniamnist": (
-        "pneumoniamnist",
-        SHARED / "pneumoniamnist.npz",
-        lambda path: ["data.medmnist.name=null", f"data.medmnist.path={path}"],
-    ),
-}
 FIGURES = ("accuracy", "sensitivity", "specificity", "roc_auc", "ece", "threshold", "temperature")
 
 
@@ -56,15 +47,10 @@ def run(
     keep: Path | None = None,
     overrides: list[str] | None = None,
 ) -> dict:
-    recipe, data, point_at = DATASETS[dataset]
     per_seed = []
     with tempfile.TemporaryDirectory(prefix=f"tlpipe-bench-rules-{dataset}-") as tmp:
         repo = Path(tmp)
-        copy_repo(repo)
-        target = bring_in(repo, data, data.name)
-        tlpipe = Path(sys.executable).parent / "tlpipe"
-        subprocess.run([str(tlpipe), "recipe", recipe], cwd=repo, env=environment(repo), check=True)
-        edit_params(repo, [*point_at(target), *(overrides or [])])
+        recipe_repo(repo, dataset, overrides or [])
         for seed in seeds:
             edit_params(repo, [f"train_frozen.seed={seed}", f"fine_tune.seed={seed}"])
             seconds, _ = run_stages(repo, f"{dataset}-seed{seed}", log_dir)
@@ -180,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("dataset", choices=sorted(DATASETS))
+    parser.add_argument("dataset", choices=sorted(RECIPES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument(
@@ -198,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.table is not None:
         print(markdown_table(json.loads(args.table.read_text())))
         return 0
-    if not DATASETS[args.dataset][1].exists():
-        print(f"no {DATASETS[args.dataset][1]}: this benchmark needs ../shared/data", file=sys.stderr)
+    if not RECIPES[args.dataset][1].exists():
+        print(f"no {RECIPES[args.dataset][1]}: this benchmark needs ../shared/data", file=sys.stderr)
         return 2
     args.log_dir.mkdir(parents=True, exist_ok=True)
     result = run(args.dataset, args.seeds, args.log_dir, args.keep, args.overrides)

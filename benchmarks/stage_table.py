@@ -32,8 +32,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from bench_repo import REPO, STAGES, bring_in, copy_repo, edit_params, environment, report_json
-from decision_rules import DATASETS
+from bench_repo import RECIPES, REPO, STAGES, recipe_repo, report_json
 
 RATE_BASIS = {
     "download": "images in data/raw",
@@ -131,16 +130,10 @@ def feature_pass(log: Path) -> dict | None:
 
 
 def run_one(recipe: str, size: int, sets: list[str], log_dir: Path) -> dict:
-    name, data, point_at = DATASETS[recipe]
     log_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"tlpipe-bench-table-{recipe}-{size}-") as tmp:
         repo = Path(tmp)
-        copy_repo(repo)
-        env = environment(repo)
-        target = bring_in(repo, data, data.name)
-        subprocess.run([str(Path(sys.executable).parent / "tlpipe"), "recipe", name], cwd=repo, env=env,
-                       check=True, stdout=subprocess.DEVNULL)  # fmt: skip
-        edit_params(repo, [*point_at(target), *sets, f"augment.image_size={size}"])
+        env = recipe_repo(repo, recipe, [*sets, f"augment.image_size={size}"])
         shutil.copy2(repo / "params.yaml", log_dir / "params.yaml")
         stages = {}
         for stage in STAGES:
@@ -289,7 +282,7 @@ def tables(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--recipe", action="append", choices=sorted(DATASETS), help="repeat for several")
+    parser.add_argument("--recipe", action="append", choices=sorted(RECIPES), help="repeat for several")
     parser.add_argument("--size", action="append", type=int, help="augment.image_size; repeat (default 128 224)")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a params override")
     parser.add_argument("--label", default="run", help="names this run in the table (e.g. before, after)")
@@ -309,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--recipe is required (or --table)")
     if bad := [s for s in args.set if "=" not in s]:
         parser.error(f"--set takes KEY=VALUE, got {bad[0]!r}")
-    missing = [str(DATASETS[r][1]) for r in args.recipe if not DATASETS[r][1].exists()]
+    missing = [str(RECIPES[r][1]) for r in args.recipe if not RECIPES[r][1].exists()]
     if missing:
         print(f"no {', '.join(missing)}: this benchmark needs ../shared/data", file=sys.stderr)
         return 2
