@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# strict float32 math in every test and every process a test starts, on any CPU: the training stages'
+# bf16 math on CPUs with bf16 units (tlpipe.train.devices) has its own tests, which unset this
+os.environ["ONEDNN_DEFAULT_FPMATH_MODE"] = "STRICT"
 
 
 @pytest.fixture(scope="session")

@@ -129,7 +129,8 @@ class TrainingPhaseParams(Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     # auto: balanced weights when the largest class is over 1.5x the smallest in the train split
     class_weight: Literal["auto", "balanced", "none"] = "auto"
-    # auto: mixed_float16 when a GPU is visible, float32 otherwise (CPUs gain nothing from it)
+    # auto: mixed_float16 when a GPU is visible; on a CPU float32, with oneDNN's bf16 math where the CPU
+    # has bf16 units (AMX, AVX-512 BF16); off: float32 everywhere
     mixed_precision: Literal["auto", "off"] = "auto"
     # none: the default device; mirrored: every local GPU; multi_worker: the cluster in TF_CONFIG
     distribution: Literal["none", "mirrored", "multi_worker"] = "none"

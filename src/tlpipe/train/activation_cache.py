@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ import tensorflow as tf
 from tlpipe.data.datasets import AugmentedData
 from tlpipe.model.outputs import HEAD_DROPOUT, HEAD_OUTPUT
 from tlpipe.train.checkpoints import fingerprint
+from tlpipe.train.devices import FPMATH_ENV
 from tlpipe.train.features import compute_features, data_digest, feature_dataset
 
 logger = logging.getLogger(__name__)
@@ -139,10 +141,11 @@ def cached_inputs(
 ) -> CachedInputs:
     """Train and val batches of the bottom's activations, computed once per image into ``directory``.
 
-    Keyed by the bottom's weights, the cut and the images, so a rerun with another
+    Keyed by the bottom's weights, the cut, the images and oneDNN's math, so a rerun with another
     seed or learning rate reuses it and anything else recomputes it.
     """
-    key = fingerprint(cut.cut, weights_digest(cut.bottom), data_digest(data))
+    # oneDNN's math (bf16 or strict float32) changes the activations' last bits
+    key = fingerprint(cut.cut, weights_digest(cut.bottom), data_digest(data), os.environ.get(FPMATH_ENV, ""))
     cached = {
         s: compute_features(cut.bottom, data.split(s), batch_size, directory / f"{s}.npy", key)
         for s in ("train", "val")

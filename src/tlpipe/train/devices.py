@@ -2,17 +2,32 @@
 
 Mixed precision halves memory traffic on GPUs with float16 units; a CPU gains
 nothing from it (and is slower), so ``auto`` turns it on only where a GPU is visible.
+On a CPU with bf16 units (AMX or AVX-512 BF16) ``auto`` keeps the model in float32
+and lets oneDNN compute convolutions in bf16 instead: faster fine-tuning at a test
+ROC-AUC within the tolerance set before the runs (docs/speed.md, "bf16 math").
+Only the training stages do: evaluate, ``tlpipe predict`` and the served model
+compute in float32, so what the pipeline reports is what it serves.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import keras
 import tensorflow as tf
 
 MIXED = "mixed_float16"
 FLOAT = "float32"
+BF16_MATH = "float32 with oneDNN bf16 math"
+# oneDNN reads it once, when it first builds a primitive (a convolution, say): set it before any op runs.
+# Set by the user (BF16, STRICT, ...), it is theirs and left alone.
+FPMATH_ENV = "ONEDNN_DEFAULT_FPMATH_MODE"
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+logger = logging.getLogger(__name__)
 
 _multi_worker: tf.distribute.Strategy | None = None  # this process's, once made
 
@@ -22,10 +37,33 @@ def precision_policy(mode: str, gpus: Sequence[object]) -> str:
     return MIXED if mode == "auto" and len(gpus) > 0 else FLOAT
 
 
-def apply_precision(mode: str) -> str:
-    policy = precision_policy(mode, tf.config.list_physical_devices("GPU"))
+def cpu_has_bf16(cpuinfo: str) -> bool:
+    """Whether ``/proc/cpuinfo``'s text lists a bf16 unit (AMX or AVX-512 BF16) among the CPU's flags."""
+    flags = {f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.split()}
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
+def wants_bf16_math(mode: str, gpus: Sequence[object], cpuinfo: str) -> bool:
+    return mode == "auto" and not gpus and cpu_has_bf16(cpuinfo)
+
+
+def apply_precision(mode: str, cpuinfo: str | None = None) -> str:
+    """Set the Keras policy for ``mixed_precision`` (and, on a bf16 CPU, oneDNN's math); what it is.
+
+    Call it before any TensorFlow op, as the training stages do first thing.
+    """
+    gpus = tf.config.list_physical_devices("GPU")
+    policy = precision_policy(mode, gpus)
     keras.mixed_precision.set_global_policy(policy)
-    return policy
+    if cpuinfo is None:
+        info = Path("/proc/cpuinfo")
+        cpuinfo = info.read_text(errors="replace") if info.is_file() else ""
+    if FPMATH_ENV not in os.environ and wants_bf16_math(mode, gpus, cpuinfo):
+        os.environ[FPMATH_ENV] = "BF16"
+        logger.info(
+            f"precision: {BF16_MATH} (this CPU has bf16 units; mixed_precision: off for strict float32)"
+        )
+    return BF16_MATH if os.environ.get(FPMATH_ENV, "").upper() == "BF16" and policy == FLOAT else policy
 
 
 def distribution_strategy(name: str) -> tf.distribute.Strategy:
